@@ -1,0 +1,224 @@
+"""Shared benchmark machinery: timing, peak memory, Markdown table, long-format CSV.
+
+Every bench/<op>.py builds a list of cases (provider, mode, shape, callable) and hands them to
+``run_cases``. On CUDA, times come from ``triton.testing.do_bench`` (median, 20th and 80th
+percentiles) and memory from ``torch.cuda.max_memory_allocated``; on CPU from a perf_counter
+loop and the process's peak resident set (reset through /proc/self/clear_refs).
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import gc
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSV_FIELDS = ["op", "variant", "provider", "mode", "shape", "dtype", "ms", "ms_p20", "ms_p80",
+              "peak_mib", "device", "torch", "triton", "git_sha", "time"]
+
+
+@dataclass
+class Case:
+    provider: str
+    mode: str
+    shape: str
+    fn: Callable[[], object]
+    variant: str = ""
+    dtype: str = "float32"
+    result: dict = field(default_factory=dict)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU {name} x{torch.get_num_threads()} threads"
+
+
+def stable_malloc() -> None:
+    """Re-exec once with a fixed glibc mmap threshold so that freed large CPU buffers go back
+    to the OS and the peak-RSS reading of each case is meaningful (glibc otherwise raises the
+    threshold after the first free and keeps later buffers in its heap)."""
+    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def _rss_kib(field_name: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, reps: int = 10,
+            min_time_s: float = 0.5):
+    """-> (median ms, p20 ms, p80 ms, peak MiB above the level before the call)."""
+    gc.collect()
+    if device.type == "cuda":
+        import triton.testing
+
+        fn()  # compile / autotune outside the measurement
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+        return med, p20, p80, peak
+    for _ in range(warmup):
+        fn()
+    gc.collect()
+    peak = float("nan")
+    if _reset_peak_rss():
+        base = _rss_kib("VmRSS")
+        fn()
+        hwm = _rss_kib("VmHWM")
+        if base is not None and hwm is not None:
+            peak = max(0, hwm - base) / 1024
+    times = []
+    start = time.perf_counter()
+    while len(times) < reps or (time.perf_counter() - start < min_time_s and len(times) < 100):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0]] * 4
+    return statistics.median(times), q[0], q[3], peak
+
+
+def run_cases(op: str, cases: List[Case], device: torch.device, *, baseline=("compile", "eager"),
+              csv_path: Optional[str] = None, reps: int = 10) -> List[Case]:
+    """Measure each case, print a Markdown table with speed-up ratios, append CSV rows.
+
+    The ratio column is baseline_ms / ms, where the baseline is the first provider in
+    ``baseline`` that ran for the same (variant, mode, shape, dtype).
+    """
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001
+        triton_version = ""
+    dev = device_name(device)
+    for case in cases:
+        try:
+            ms, p20, p80, mib = measure(case.fn, device, reps=reps)
+            case.result = {"ms": ms, "p20": p20, "p80": p80, "mib": mib}
+        except Exception as exc:  # noqa: BLE001 - a provider that fails is reported, not fatal
+            msg = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+            case.result = {"error": f"{type(exc).__name__}: {msg}"}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"  measured {case.variant} {case.provider} {case.mode} {case.shape}: "
+              + (f"{case.result['ms']:.3f} ms" if "ms" in case.result else case.result["error"]),
+              file=sys.stderr, flush=True)
+    print(f"\n### {op} on {dev} (torch {torch.__version__}, triton {triton_version or '-'})\n")
+    print("| variant | shape | dtype | mode | provider | ms (p20-p80) | peak MiB | speed-up vs "
+          f"{'/'.join(baseline)} |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    sha = git_sha()
+    for case in cases:
+        key = (case.variant, case.mode, case.shape, case.dtype)
+        base_ms = None
+        for bname in baseline:
+            for other in cases:
+                if (other.variant, other.mode, other.shape, other.dtype) == key and \
+                        other.provider == bname and "ms" in other.result:
+                    base_ms = other.result["ms"]
+                    break
+            if base_ms is not None:
+                break
+        r = case.result
+        if "ms" in r:
+            ratio = f"{base_ms / r['ms']:.2f}x" if base_ms else "-"
+            print(f"| {case.variant} | {case.shape} | {case.dtype} | {case.mode} | {case.provider} | "
+                  f"{r['ms']:.3f} ({r['p20']:.3f}-{r['p80']:.3f}) | {r['mib']:.1f} | {ratio} |")
+            rows.append({"op": op, "variant": case.variant, "provider": case.provider,
+                         "mode": case.mode, "shape": case.shape, "dtype": case.dtype,
+                         "ms": f"{r['ms']:.4f}", "ms_p20": f"{r['p20']:.4f}",
+                         "ms_p80": f"{r['p80']:.4f}", "peak_mib": f"{r['mib']:.1f}",
+                         "device": dev, "torch": torch.__version__, "triton": triton_version,
+                         "git_sha": sha, "time": now})
+        else:
+            print(f"| {case.variant} | {case.shape} | {case.dtype} | {case.mode} | {case.provider} | "
+                  f"failed: {r['error']} | - | - |")
+    if csv_path is None:
+        csv_path = os.path.join(os.environ.get("SEQREC_FAST_BENCH_DIR",
+                                               os.path.join(ROOT, "bench", "results")), f"{op}.csv")
+    os.makedirs(os.path.dirname(csv_path), exist_ok=True)
+    new = not os.path.exists(csv_path)
+    with open(csv_path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    print(f"\n{len(rows)} rows appended to {os.path.relpath(csv_path, os.getcwd())}")
+    return cases
+
+
+def fwd_bwd(fn: Callable[[], torch.Tensor], params):
+    """A callable running forward then backward of ``fn()`` with a fixed random output
+    gradient (drawn on the first call) into ``params``."""
+    state = {}
+
+    def run():
+        for p in params:
+            p.grad = None
+        out = fn()
+        out = out[0] if isinstance(out, tuple) else out
+        if "g" not in state:
+            gen = torch.Generator(device=out.device).manual_seed(1)
+            state["g"] = torch.randn(out.shape, generator=gen, device=out.device).to(out.dtype)
+        out.backward(state["g"])
+    return run
+
+
+def no_grad(fn: Callable[[], object]):
+    def run():
+        with torch.no_grad():
+            return fn()
+    return run

@@ -1,0 +1,57 @@
+"""Comparison helpers shared by the op tests."""
+from __future__ import annotations
+
+import torch
+
+from seqrec_fast import backend as _backend
+
+# extra absolute tolerance added to the "2x the same-dtype eager error" rule
+ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def describe_error(actual: torch.Tensor, expected: torch.Tensor) -> str:
+    err = (actual.double() - expected.double()).abs()
+    if err.numel() == 0:
+        return "empty"
+    idx = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
+    return (f"max err {err.max().item():.3e} at {idx} (got {actual.double()[idx].item():.6g}, "
+            f"want {expected.double()[idx].item():.6g}), mean err {err.mean().item():.3e}")
+
+
+def assert_close(actual, expected, *, atol, rtol=0.0, name="value"):
+    """Plain closeness with a readable message (max/mean error and where)."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    err = (actual.double() - expected.double()).abs()
+    bound = atol + rtol * expected.double().abs()
+    assert bool((err <= bound).all()), f"{name}: {describe_error(actual, expected)}"
+
+
+def assert_within_2x_eager(actual, eager, truth, *, name="value", atol=None):
+    """DESIGN rule: |kernel - float64 truth| <= 2 * |same-dtype eager - truth| + atol.
+
+    Compared as max errors over the tensor (the rule cut-cross-entropy's tests use).
+    """
+    assert actual.shape == truth.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(truth.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values ({describe_error(actual, truth)})"
+    if atol is None:
+        atol = ATOL[actual.dtype]
+    scale = max(1.0, truth.abs().max().item()) if truth.numel() else 1.0
+    ours = (actual.double() - truth).abs().max().item() if truth.numel() else 0.0
+    ref = (eager.double() - truth).abs().max().item() if truth.numel() else 0.0
+    assert ours <= 2 * ref + atol * scale, (
+        f"{name}: kernel max err {ours:.3e} > 2 x eager err {ref:.3e} + {atol * scale:.1e}; "
+        f"{describe_error(actual, truth)}")
+
+
+def fused_backends(op: str, device: str = "cpu"):
+    """The non-eager backends runnable here for ``op`` (cpp must be built when required)."""
+    import os
+
+    out = []
+    for name in ("cpp", "triton", "cuda"):
+        if _backend.available(op, name, torch.device(device)):
+            out.append(name)
+        elif name == "cpp" and device == "cpu" and os.environ.get("SEQREC_FAST_REQUIRE_EXT") == "1":
+            out.append(name)  # let it fail loudly instead of silently skipping
+    return out
