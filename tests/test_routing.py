@@ -1,0 +1,376 @@
+"""capsule_routing: values and gradients of every backend against the float64 reference."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from _util import assert_close, assert_within_2x_eager, fused_backends
+from seqrec_fast import backend as B
+from seqrec_fast.nn import CapsuleRouting
+from seqrec_fast.ops import capsule_routing
+from seqrec_fast.ops.routing import _routing_fwd_op
+from seqrec_fast.reference import routing_ref
+
+FUSED = fused_backends("routing")
+ALL = ["eager"] + FUSED
+SHAPES = [  # (B, L, K, d)
+    (1, 1, 1, 8),
+    (3, 37, 7, 24),
+    (4, 20, 4, 16),
+    (2, 5, 1, 32),
+    (5, 8, 3, 64),
+]
+
+
+def make(shape, bilinear, dtype=torch.float64, *, init=False, seed=0, all_padded_row=True,
+         device="cpu"):
+    b, l, k, d = shape
+    g = torch.Generator().manual_seed(seed)
+    seq = (torch.randn(b, l, d, generator=g, dtype=torch.float64) * 0.7)
+    if bilinear == "shared":
+        w = torch.randn(d, d, generator=g, dtype=torch.float64) / d ** 0.5
+    else:
+        w = torch.randn(l, k * d, d, generator=g, dtype=torch.float64) / d ** 0.5
+    mask = torch.rand(b, l, generator=g) < 0.75
+    if all_padded_row and b > 1:
+        mask[-1] = False
+    mask[0, 0] = True
+    init_logits = torch.randn(b, k, l, generator=g, dtype=torch.float64) if init else None
+    gout = torch.randn(b, k, d, generator=g, dtype=torch.float64)
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(seq), mask.to(device), cast(w), (None if init_logits is None else
+                                                 init_logits.to(device)), cast(gout)
+
+
+def run(fn, seq, w, gout, **kw):
+    seq = seq.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    out = fn(seq, w, **kw)
+    gs, gw = torch.autograd.grad(out, (seq, w), gout)
+    return out.detach(), gs, gw
+
+
+def check_against_reference(backend, shape, bilinear, dtype, softmax_axis, detach, init):
+    seq, mask, w, init_logits, gout = make(shape, bilinear, dtype, init=init)
+    kw = dict(num_interests=shape[2], iters=3, bilinear=bilinear, init_logits=init_logits,
+              softmax_axis=softmax_axis, detach_routing=detach)
+    got = run(lambda s, ww: capsule_routing(s, mask, ww, backend=backend, **kw), seq, w, gout)
+    truth = run(lambda s, ww: routing_ref(s, mask, ww, **kw), seq.double(), w.double(),
+                gout.double())
+    same = run(lambda s, ww: routing_ref(s, mask, ww, **kw), seq, w, gout)
+    for name, a, e, t in zip(("interests", "grad seq_emb", "grad weight"), got, same, truth):
+        assert a.dtype == dtype, name
+        assert_within_2x_eager(a, e, t, name=f"{backend} {dtype} {shape} {name}")
+    # all-padded rows: zero interests, no NaN
+    empty = ~mask.any(1)
+    if empty.any():
+        assert torch.equal(got[0][empty], torch.zeros_like(got[0][empty]))
+        assert torch.equal(got[1][empty], torch.zeros_like(got[1][empty]))
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bilinear", ["shared", "per_position"])
+def test_fp32_matches_reference(backend, shape, bilinear):
+    # vary the options across shapes so every combination meets several shapes
+    i = SHAPES.index(shape)
+    axis = ("interest", "sequence")[i % 2]
+    detach = (True, False)[(i // 2) % 2]
+    init = bilinear == "shared"
+    check_against_reference(backend, shape, bilinear, torch.float32, axis, detach, init)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("bilinear", ["shared", "per_position"])
+@pytest.mark.parametrize("softmax_axis", ["interest", "sequence"])
+@pytest.mark.parametrize("detach", [True, False])
+def test_all_options(backend, bilinear, softmax_axis, detach):
+    check_against_reference(backend, (3, 11, 3, 16), bilinear, torch.float32, softmax_axis,
+                            detach, init=True)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bilinear", ["shared", "per_position"])
+@pytest.mark.parametrize("detach", [True, False])
+def test_half_precision(backend, dtype, bilinear, detach):
+    check_against_reference(backend, (4, 13, 4, 32), bilinear, dtype, "interest", detach,
+                            init=False)
+
+
+@pytest.mark.parametrize("backend", [b for b in FUSED if b == "cpp"])
+@pytest.mark.parametrize("bilinear", ["shared", "per_position"])
+@pytest.mark.parametrize("detach", [True, False])
+def test_float64_exact(backend, bilinear, detach):
+    seq, mask, w, init, gout = make((3, 9, 3, 8), bilinear, init=True)
+    kw = dict(num_interests=3, bilinear=bilinear, init_logits=init, detach_routing=detach)
+    got = run(lambda s, ww: capsule_routing(s, mask, ww, backend=backend, **kw), seq, w, gout)
+    want = run(lambda s, ww: routing_ref(s, mask, ww, **kw), seq, w, gout)
+    for name, a, e in zip(("interests", "grad seq_emb", "grad weight"), got, want):
+        assert_close(a, e, atol=1e-12, rtol=1e-10, name=name)
+
+
+@pytest.mark.parametrize("bilinear", ["shared", "per_position"])
+@pytest.mark.parametrize("softmax_axis", ["interest", "sequence"])
+@pytest.mark.parametrize("detach", [True, False])
+def test_gradcheck_cpp(bilinear, softmax_axis, detach):
+    if "cpp" not in FUSED:
+        pytest.fail("the C++ extension is not built") if os.environ.get(
+            "SEQREC_FAST_REQUIRE_EXT") == "1" else pytest.skip("C++ extension not built")
+    seq, mask, w, init, _ = make((2, 4, 2, 3), bilinear, init=True)
+    seq.requires_grad_(True)
+    w.requires_grad_(True)
+    fn = lambda s, ww: capsule_routing(s, mask, ww, num_interests=2, bilinear=bilinear,  # noqa
+                                       init_logits=init, softmax_axis=softmax_axis,
+                                       detach_routing=detach, backend="cpp")
+    assert torch.autograd.gradcheck(fn, (seq, w), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("per_position", [False, True])
+@pytest.mark.parametrize("detach", [True, False])
+def test_opcheck(backend, per_position, detach):
+    b, l, k, d = 3, 6, 2, 8
+    if per_position:
+        u = torch.randn(l, b, k, d, requires_grad=True)
+    else:
+        u = torch.randn(b, l, d, requires_grad=True)
+    mask = torch.rand(b, l) < 0.7
+    init = torch.randn(b, k, l)
+    torch.library.opcheck(_routing_fwd_op, (u, mask, init, k, 3, False, detach, backend))
+
+
+def test_torch_compile_fullgraph():
+    backend = FUSED[0] if FUSED else "eager"
+    torch._dynamo.reset()
+    for bilinear in ("shared", "per_position"):
+        layer = CapsuleRouting(16, 3, 7, bilinear=bilinear, backend=backend).double()
+        seq = torch.randn(4, 7, 16, dtype=torch.float64, requires_grad=True)
+        lengths = torch.tensor([7, 3, 0, 5])
+        gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+        want = layer(seq, lengths, generator=gen())
+        (gs_want,) = torch.autograd.grad(want.sum(), seq)
+        compiled = torch.compile(layer, fullgraph=True, backend="inductor")
+        got = compiled(seq, lengths, generator=gen())
+        (gs_got,) = torch.autograd.grad(got.sum(), seq)
+        assert_close(got, want, atol=1e-10, rtol=1e-8, name="compiled interests")
+        assert_close(gs_got, gs_want, atol=1e-10, rtol=1e-8, name="compiled grad")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_shared_path_saves_no_bkld_tensor(backend):
+    b, l, k, d = 8, 10, 4, 16
+    seq, mask, w, init, _ = make((b, l, k, d), "shared", torch.float32, init=True)
+    seq.requires_grad_(True)
+    w.requires_grad_(True)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    for detach in (True, False):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            capsule_routing(seq, mask, w, num_interests=k, bilinear="shared", init_logits=init,
+                            detach_routing=detach, backend=backend)
+    assert sizes and max(sizes) < b * k * l * d, sizes
+
+
+def test_lengths_equal_prefix_mask():
+    seq, _, w, _, _ = make((4, 6, 2, 8), "per_position", torch.float64)
+    lengths = torch.tensor([6, 0, 2, 5])
+    mask = torch.arange(6)[None, :] < lengths[:, None]
+    for backend in ALL:
+        a = capsule_routing(seq, lengths, w, num_interests=2, backend=backend)
+        c = capsule_routing(seq, mask, w, num_interests=2, backend=backend)
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_padding_content_is_ignored(backend):
+    seq, mask, w, init, _ = make((3, 9, 3, 16), "shared", torch.float32, init=True)
+    a = capsule_routing(seq, mask, w, num_interests=3, bilinear="shared", init_logits=init,
+                        backend=backend)
+    seq2 = seq.clone()
+    seq2[~mask] = 1e3
+    c = capsule_routing(seq2, mask, w, num_interests=3, bilinear="shared", init_logits=init,
+                        backend=backend)
+    assert torch.allclose(a, c, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_empty_batch(backend):
+    seq = torch.randn(0, 5, 8, requires_grad=True)
+    w = torch.randn(5, 16, 8, requires_grad=True)
+    out = capsule_routing(seq, torch.zeros(0, 5, dtype=torch.bool), w, num_interests=2,
+                          backend=backend)
+    assert out.shape == (0, 2, 8)
+    out.sum().backward()
+    assert seq.grad.shape == seq.shape and torch.count_nonzero(w.grad) == 0
+
+
+def test_nan_input_propagates_only_to_its_row():
+    seq, mask, w, _, _ = make((3, 5, 2, 8), "per_position", torch.float32, all_padded_row=False)
+    mask[:] = True
+    seq[1, 2, 3] = float("nan")
+    for backend in ALL:
+        out = capsule_routing(seq, mask, w, num_interests=2, backend=backend)
+        assert torch.isnan(out[1]).any()
+        assert torch.isfinite(out[[0, 2]]).all()
+
+
+class TestBadInput:
+    def args(self):
+        seq = torch.randn(2, 5, 8)
+        return seq, torch.ones(2, 5, dtype=torch.bool), torch.randn(5, 16, 8)
+
+    def test_wrong_rank(self):
+        seq, mask, w = self.args()
+        with pytest.raises(ValueError, match="seq_emb"):
+            capsule_routing(seq[0], mask, w, num_interests=2)
+
+    def test_mask_length_mismatch(self):
+        seq, mask, w = self.args()
+        with pytest.raises(ValueError, match="mask"):
+            capsule_routing(seq, mask[:, :4], w, num_interests=2)
+
+    def test_mask_dtype(self):
+        seq, mask, w = self.args()
+        with pytest.raises(TypeError, match="mask"):
+            capsule_routing(seq, mask.float(), w, num_interests=2)
+        with pytest.raises(TypeError, match="mask"):
+            capsule_routing(seq, torch.tensor([1.0, 2.0]), w, num_interests=2)
+
+    def test_lengths_out_of_range(self):
+        seq, _, w = self.args()
+        with pytest.raises(ValueError, match="mask"):
+            capsule_routing(seq, torch.tensor([6, 1]), w, num_interests=2)
+        with pytest.raises(ValueError, match="mask"):
+            capsule_routing(seq, torch.tensor([-1, 1]), w, num_interests=2)
+
+    def test_weight_shape(self):
+        seq, mask, w = self.args()
+        with pytest.raises(ValueError, match="weight"):
+            capsule_routing(seq, mask, w, num_interests=3)  # K*d mismatch
+        with pytest.raises(ValueError, match="weight"):
+            capsule_routing(seq, mask, torch.randn(8, 8), num_interests=2)  # per_position
+        with pytest.raises(ValueError, match="weight"):
+            capsule_routing(seq, mask, w, num_interests=2, bilinear="shared")
+        with pytest.raises(ValueError, match="weight"):
+            capsule_routing(seq, mask, torch.randn(4, 16, 8), num_interests=2)  # L mismatch
+
+    def test_counts(self):
+        seq, mask, w = self.args()
+        with pytest.raises(ValueError, match="num_interests"):
+            capsule_routing(seq, mask, w, num_interests=0)
+        with pytest.raises(ValueError, match="iters"):
+            capsule_routing(seq, mask, w, num_interests=2, iters=0)
+        with pytest.raises(TypeError, match="num_interests"):
+            capsule_routing(seq, mask, w, num_interests=2.0)
+
+    def test_dtypes(self):
+        seq, mask, w = self.args()
+        with pytest.raises(TypeError, match="weight"):
+            capsule_routing(seq, mask, w.double(), num_interests=2)
+        with pytest.raises(TypeError, match="seq_emb"):
+            capsule_routing(seq.long(), mask, w, num_interests=2)
+
+    def test_options(self):
+        seq, mask, w = self.args()
+        with pytest.raises(ValueError, match="bilinear"):
+            capsule_routing(seq, mask, w, num_interests=2, bilinear="dense")
+        with pytest.raises(ValueError, match="softmax_axis"):
+            capsule_routing(seq, mask, w, num_interests=2, softmax_axis="batch")
+        with pytest.raises(TypeError, match="detach_routing"):
+            capsule_routing(seq, mask, w, num_interests=2, detach_routing=1)
+        with pytest.raises(ValueError, match="backend"):
+            capsule_routing(seq, mask, w, num_interests=2, backend="fast")
+
+    def test_init_logits_shape(self):
+        seq, mask, w = self.args()
+        with pytest.raises(ValueError, match="init_logits"):
+            capsule_routing(seq, mask, w, num_interests=2, init_logits=torch.randn(2, 3, 5))
+
+    def test_mixed_devices(self):
+        seq, mask, w = self.args()
+        with pytest.raises(ValueError, match="weight"):
+            capsule_routing(seq, mask, w.to("meta"), num_interests=2)
+        with pytest.raises(ValueError, match="mask"):
+            capsule_routing(seq, mask.to("meta"), w, num_interests=2)
+
+
+class TestBackendChoice:
+    def test_named_unavailable_backend_raises(self):
+        seq, mask, w = TestBadInput().args()
+        with pytest.raises(RuntimeError, match="cuda"):
+            capsule_routing(seq, mask, w, num_interests=2, backend="cuda")
+
+    def test_env_override(self, monkeypatch):
+        seq, mask, w = TestBadInput().args()
+        monkeypatch.setenv("SEQREC_FAST_BACKEND", "cuda")
+        with pytest.raises(RuntimeError, match="cuda"):
+            capsule_routing(seq, mask, w, num_interests=2)
+        monkeypatch.setenv("SEQREC_FAST_BACKEND", "nonsense")
+        with pytest.raises(ValueError, match="SEQREC_FAST_BACKEND"):
+            capsule_routing(seq, mask, w, num_interests=2)
+
+    def test_auto_on_cpu(self):
+        want = "cpp" if "cpp" in FUSED else "eager"
+        assert B.resolve("routing", "auto", torch.device("cpu")) == want
+
+    def test_auto_fallback_warns_once(self, monkeypatch):
+        monkeypatch.setattr(B._ext, "_C", None)
+        monkeypatch.setattr(B, "_warned", set())
+        with pytest.warns(RuntimeWarning, match="fell back to 'eager'"):
+            assert B.resolve("routing", "auto", torch.device("cpu")) == "eager"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert B.resolve("routing", "auto", torch.device("cpu")) == "eager"
+
+
+class TestModule:
+    def test_mind_reproducible_with_generator(self):
+        layer = CapsuleRouting(8, 3, bilinear="shared")
+        seq = torch.randn(2, 6, 8)
+        lengths = torch.tensor([6, 2])
+        a = layer(seq, lengths, generator=torch.Generator().manual_seed(5))
+        b = layer(seq, lengths, generator=torch.Generator().manual_seed(5))
+        c = layer(seq, lengths, generator=torch.Generator().manual_seed(6))
+        assert torch.equal(a, b) and not torch.equal(a, c)
+        assert layer.weight.shape == (8, 8)
+
+    def test_dr_shapes_and_grads(self):
+        layer = CapsuleRouting(8, 4, 6)
+        assert layer.weight.shape == (6, 32, 8)
+        out = layer(torch.randn(3, 6, 8), torch.tensor([1, 6, 3]))
+        assert out.shape == (3, 4, 8)
+        out.sum().backward()
+        assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+
+    def test_requires_seq_len_for_per_position(self):
+        with pytest.raises(ValueError, match="seq_len"):
+            CapsuleRouting(8, 4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("bilinear", ["shared", "per_position"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_large(backend, bilinear, dtype):
+    if not B.available("routing", backend, torch.device("cuda")):
+        pytest.fail(f"backend {backend} not available on this GPU machine")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    shape = (512, 200, 8, 64) if bilinear == "shared" else (256, 50, 4, 64)
+    for detach, axis in ((True, "interest"), (False, "sequence")):
+        seq, mask, w, init, gout = make(shape, bilinear, dtype, init=True, device="cuda")
+        kw = dict(num_interests=shape[2], bilinear=bilinear, init_logits=init,
+                  softmax_axis=axis, detach_routing=detach)
+        got = run(lambda s, ww: capsule_routing(s, mask, ww, backend=backend, **kw), seq, w, gout)
+        truth = run(lambda s, ww: routing_ref(s, mask, ww, **kw), seq.double(), w.double(),
+                    gout.double())
+        same = run(lambda s, ww: routing_ref(s, mask, ww, **kw), seq, w, gout)
+        for name, a, e, t in zip(("v", "gs", "gw"), got, same, truth):
+            assert_within_2x_eager(a, e, t, name=f"{backend} {name}")
