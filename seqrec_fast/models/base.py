@@ -1,0 +1,155 @@
+"""Shared model machinery: item table, readout, sampled / full softmax loss.
+
+Every model implements ``user_embeddings(history (B, L) int64, mask (B, L) bool) -> (B, K, d)``
+(K = 1 for single-interest models); ``item_embeddings() -> (n_items, d)`` (row 0 = padding) and
+``loss(batch) -> scalar`` come from here.
+
+Defaults follow ComiRec's code: d = 64, hard readout (the interest with the highest score against
+the target), sampled softmax with ``neg_ratio · B`` (10 × batch) negatives shared by the batch,
+drawn log-uniformly over the popularity-sorted ids, logQ-corrected, accidental hits removed,
+one embedding table for history and output items.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import _checks
+from ..backend import BACKENDS
+from . import _ops
+
+LOSSES = ("sampled", "full")
+SAMPLERS = ("log_uniform", "uniform")
+READOUTS = ("hard", "pow")
+
+
+class SeqRecModel(nn.Module):
+    """Base class. Args:
+      n_items: item-table rows INCLUDING padding 0. dim: d. max_len: L (history length).
+      loss: "sampled" (default) or "full" (softmax over the whole catalog).
+      neg_ratio: shared negatives per batch = neg_ratio · B (ComiRec: 10); num_negatives
+        overrides it with a fixed count. neg_sampler: "log_uniform" (ids must be popularity
+        sorted, as ``seqrec_fast.data`` makes them) or "uniform".
+      readout: "hard" or "pow" (MIND: softmax(<v_k, e>^readout_pow)·v).
+      sparse: item-table gradients as sparse row sets (for the row-wise sparse optimizers).
+      backend: passed to every fused op ("auto" | "triton" | "cuda" | "cpp" | "eager").
+    """
+    multi_interest = False
+
+    def __init__(self, n_items: int, dim: int = 64, max_len: int = 20, *, loss: str = "sampled",
+                 neg_ratio: int = 10, num_negatives: Optional[int] = None,
+                 neg_sampler: str = "log_uniform", readout: str = "hard",
+                 readout_pow: float = 1.0, sparse: bool = False, backend: str = "auto"):
+        super().__init__()
+        _checks.positive_int("n_items", n_items, minimum=2)
+        _checks.positive_int("dim", dim)
+        _checks.positive_int("max_len", max_len)
+        _checks.choice("loss", loss, LOSSES)
+        _checks.positive_int("neg_ratio", neg_ratio)
+        if num_negatives is not None:
+            _checks.positive_int("num_negatives", num_negatives)
+        _checks.choice("neg_sampler", neg_sampler, SAMPLERS)
+        _checks.choice("readout", readout, READOUTS)
+        _checks.choice("backend", backend, BACKENDS)
+        if not isinstance(sparse, bool):
+            raise TypeError(f"sparse must be a bool, got {type(sparse).__name__}")
+        if not isinstance(readout_pow, (int, float)) or readout_pow <= 0:
+            raise ValueError(f"readout_pow must be a positive number, got {readout_pow!r}")
+        self.n_items, self.dim, self.max_len = n_items, dim, max_len
+        self.loss_type, self.neg_ratio, self.num_negatives = loss, neg_ratio, num_negatives
+        self.neg_sampler, self.readout, self.readout_pow = neg_sampler, readout, float(readout_pow)
+        self.sparse, self.backend = sparse, backend
+        self.item_emb = nn.Embedding(n_items, dim)
+        nn.init.normal_(self.item_emb.weight, 0.0, 1.0 / math.sqrt(dim))
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        self.generator: Optional[torch.Generator] = None  # set by the trainer for reproducibility
+
+    # ---------------------------------------------------------------- helpers
+    def embed(self, ids: Tensor) -> Tensor:
+        """ids (...) int64 -> (..., d), sparse gradients when ``sparse``."""
+        return F.embedding(ids, self.item_emb.weight, sparse=self.sparse)
+
+    def _check_history(self, history: Tensor, mask: Tensor):
+        _checks.tensor("history", history, ndim=2, dtypes=(torch.int64, torch.int32))
+        B, L = history.shape
+        mask = _checks.sequence_mask(mask, B, L, history.device)
+        if L != self.max_len and getattr(self, "fixed_len", False):
+            raise ValueError(f"history must have seq_len = max_len = {self.max_len}, got {L}")
+        return history.long(), mask
+
+    def item_embeddings(self) -> Tensor:
+        """-> (n_items, d) output item table (row 0 = padding, never retrieved)."""
+        return self.item_emb.weight
+
+    def user_embeddings(self, history: Tensor, mask: Tensor) -> Tensor:  # pragma: no cover
+        """history: (B, L) int64, mask: (B, L) bool -> (B, K, d)."""
+        raise NotImplementedError
+
+    def train_interests(self, history: Tensor, mask: Tensor) -> Tensor:
+        """Interests used by the training readout (default: user_embeddings)."""
+        return self.user_embeddings(history, mask)
+
+    def read_out(self, interests: Tensor, target_emb: Tensor) -> Tensor:
+        """interests (B, K, d), target_emb (B, d) -> (B, d)."""
+        if interests.shape[1] == 1:
+            return interests[:, 0]
+        p = math.inf if self.readout == "hard" else self.readout_pow
+        return _ops.label_aware_attention(interests, target_emb.to(interests.dtype), p, self.backend)
+
+    def sample_negatives(self, n: int, device) -> tuple:
+        """-> (ids (n,) int64 in [1, n_items), log Q (n,) float32 = log(n · P(id)))."""
+        R = self.n_items - 1
+        if self.neg_sampler == "uniform":
+            ids = torch.randint(1, self.n_items, (n,), generator=self.generator, device=device)
+            return ids, torch.full((n,), math.log(n / R), device=device)
+        r, lp = _ops.log_uniform_sample(n, R, self.generator, device)
+        return r + 1, lp + math.log(n)
+
+    # ------------------------------------------------------------------- loss
+    def loss(self, batch: dict) -> Tensor:
+        """batch: {"history": (B, L) int64, "mask": (B, L) bool, "target": (B,) int64} -> scalar."""
+        if not isinstance(batch, dict):
+            raise TypeError(f"batch must be a dict, got {type(batch).__name__}")
+        missing = [k for k in ("history", "mask", "target") if k not in batch]
+        if missing:
+            raise ValueError(f"batch is missing {missing}")
+        hist, mask, target = batch["history"], batch["mask"], batch["target"]
+        _checks.tensor("target", target, ndim=1, dtypes=(torch.int64,))
+        if target.shape[0] != hist.shape[0]:
+            raise ValueError(f"target must have shape ({hist.shape[0]},), got {tuple(target.shape)}")
+        interests = self.train_interests(hist, mask)                      # (B, K, d)
+        tgt_emb = self.embed(target)
+        user = self.read_out(interests, tgt_emb)                          # (B, d)
+        if self.loss_type == "full":
+            bias = self._pad_bias(user.device)
+            return _ops.full_softmax(user.float(), self.item_emb.weight, target, bias, self.backend)
+        B = target.shape[0]
+        S = self.num_negatives or self.neg_ratio * B
+        neg, log_q = self.sample_negatives(S, target.device)
+        # compact table of the rows this step touches: sparse gradients, ids compared exactly
+        uniq, inv = torch.unique(torch.cat([target, neg]), return_inverse=True)
+        items = self.embed(uniq)
+        if self.neg_sampler == "log_uniform":
+            t_lq = _ops.log_uniform_log_prob(target - 1, self.n_items - 1) + math.log(S)
+        else:
+            t_lq = torch.full((B,), math.log(S / (self.n_items - 1)), device=target.device)
+        return _ops.sampled_softmax(user.float(), items.float(), inv[:B], inv[B:], log_q, t_lq,
+                                    self.backend)
+
+    def _pad_bias(self, device):
+        b = getattr(self, "_bias", None)
+        if b is None or b.device != device or b.shape[0] != self.n_items:
+            b = torch.zeros(self.n_items, device=device)
+            b[0] = -1e4   # padding is never a valid prediction
+            self._bias = b
+        return b
+
+    def extra_repr(self) -> str:
+        return (f"n_items={self.n_items}, dim={self.dim}, max_len={self.max_len}, "
+                f"loss={self.loss_type!r}, readout={self.readout!r}, sparse={self.sparse}, "
+                f"backend={self.backend!r}")

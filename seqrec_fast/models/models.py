@@ -1,0 +1,153 @@
+"""YouTubeDNN, GRU4Rec, MIND, ComiRec-DR, ComiRec-SA (ComiRec's code is the reference for
+defaults). All share :class:`~seqrec_fast.models.base.SeqRecModel`'s interface."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .. import _checks
+from ..nn.routing import CapsuleRouting
+from . import _ops
+from .base import SeqRecModel
+
+
+class YouTubeDNN(SeqRecModel):
+    """Masked mean of the history embeddings followed by a linear layer (K = 1)."""
+
+    def __init__(self, n_items: int, dim: int = 64, max_len: int = 20, **kw):
+        super().__init__(n_items, dim, max_len, **kw)
+        self.proj = nn.Linear(dim, dim)
+
+    def user_embeddings(self, history: Tensor, mask: Tensor) -> Tensor:
+        """history (B, L) int64, mask (B, L) bool -> (B, 1, d)."""
+        history, mask = self._check_history(history, mask)
+        e = self.embed(history)
+        m = mask.unsqueeze(-1).to(e.dtype)
+        mean = (e * m).sum(1) / (m.sum(1) + 1e-9)
+        return self.proj(mean).unsqueeze(1)
+
+
+class GRU4Rec(SeqRecModel):
+    """GRU over the history; the hidden state after the last real item (K = 1)."""
+
+    def __init__(self, n_items: int, dim: int = 64, max_len: int = 20, **kw):
+        super().__init__(n_items, dim, max_len, **kw)
+        self.gru = nn.GRU(dim, dim, batch_first=True)
+
+    def user_embeddings(self, history: Tensor, mask: Tensor) -> Tensor:
+        """history (B, L) int64, mask (B, L) bool (any padding side) -> (B, 1, d)."""
+        history, mask = self._check_history(history, mask)
+        # real items first, in order (handles left and right padding alike)
+        order = (~mask).to(torch.int8).argsort(dim=1, stable=True)
+        hist = history.gather(1, order)
+        lens = mask.sum(1)
+        e = self.embed(hist)
+        # right-aligned after the reordering: the output at position len-1 only saw real items
+        # (cheaper on CPU than pack_padded_sequence, identical result)
+        out, _ = self.gru(e)                                      # (B, L, d)
+        last = (lens - 1).clamp(min=0)
+        h = out[torch.arange(out.shape[0], device=out.device), last]
+        h = h * (lens > 0).unsqueeze(-1).to(h.dtype)
+        return h.unsqueeze(1)
+
+
+class _MultiInterest(SeqRecModel):
+    multi_interest = True
+
+    def __init__(self, n_items, dim=64, max_len=20, *, num_interests=4, **kw):
+        super().__init__(n_items, dim, max_len, **kw)
+        self.num_interests = _checks.positive_int("num_interests", num_interests)
+
+
+class ComiRecDR(_MultiInterest):
+    """ComiRec-DR: dynamic routing with one bilinear map per (position, interest), zero initial
+    logits, 3 iterations, interests over the sequence of ``max_len`` positions."""
+    fixed_len = True
+
+    def __init__(self, n_items: int, dim: int = 64, max_len: int = 20, *, num_interests: int = 4,
+                 iters: int = 3, softmax_axis: str = "interest", detach_routing: bool = True, **kw):
+        super().__init__(n_items, dim, max_len, num_interests=num_interests, **kw)
+        self.routing = CapsuleRouting(dim, num_interests, max_len, bilinear="per_position",
+                                      iters=iters, softmax_axis=softmax_axis,
+                                      detach_routing=detach_routing, backend=self.backend)
+
+    def user_embeddings(self, history: Tensor, mask: Tensor) -> Tensor:
+        """history (B, L=max_len) int64, mask (B, L) bool -> (B, K, d)."""
+        history, mask = self._check_history(history, mask)
+        return self.routing(self.embed(history), mask)
+
+
+class MIND(_MultiInterest):
+    """MIND: routing with one shared bilinear map, N(0, 1) initial logits (drawn from the model's
+    generator), a ReLU projection of the capsules (as ComiRec's MIND), optional dynamic interest
+    number K_u = max(1, min(K, floor(log2(n_u)))) — inactive interests repeat interest 0 so they
+    add nothing after de-duplication. Readout: hard by default, ``readout="pow"`` for MIND's
+    label-aware attention."""
+
+    def __init__(self, n_items: int, dim: int = 64, max_len: int = 20, *, num_interests: int = 4,
+                 iters: int = 3, dynamic_k: bool = False, relu_layer: bool = True,
+                 softmax_axis: str = "interest", detach_routing: bool = True, **kw):
+        super().__init__(n_items, dim, max_len, num_interests=num_interests, **kw)
+        self.routing = CapsuleRouting(dim, num_interests, max_len, bilinear="shared", iters=iters,
+                                      softmax_axis=softmax_axis, detach_routing=detach_routing,
+                                      init_logits="normal", backend=self.backend)
+        self.dynamic_k = bool(dynamic_k)
+        self.proj = nn.Linear(dim, dim) if relu_layer else None
+
+    def user_embeddings(self, history: Tensor, mask: Tensor) -> Tensor:
+        """history (B, L) int64, mask (B, L) bool -> (B, K, d)."""
+        history, mask = self._check_history(history, mask)
+        v = self.routing(self.embed(history), mask, generator=self.generator)
+        if self.proj is not None:
+            v = torch.relu(self.proj(v))
+        if self.dynamic_k:
+            n = mask.sum(1).clamp(min=1).to(torch.float32)
+            k_u = torch.clamp(torch.floor(torch.log2(n)), 1, self.num_interests)      # (B,)
+            active = torch.arange(self.num_interests, device=v.device)[None, :] < k_u[:, None]
+            v = torch.where(active[:, :, None], v, v[:, :1].expand_as(v))
+        return v
+
+
+class ComiRecSA(_MultiInterest):
+    """ComiRec-SA: H = tanh((E + P)·W1 + b1) with d_a = 4d, A = H·W2 + b2, masked softmax over the
+    sequence, interests = Aᵀ·E (values without the position embedding P)."""
+
+    def __init__(self, n_items: int, dim: int = 64, max_len: int = 20, *, num_interests: int = 4,
+                 hidden: int = None, add_pos: bool = True, **kw):
+        super().__init__(n_items, dim, max_len, num_interests=num_interests, **kw)
+        d_a = hidden or 4 * dim
+        self.w1 = nn.Parameter(torch.empty(dim, d_a))
+        self.b1 = nn.Parameter(torch.zeros(d_a))
+        self.w2 = nn.Parameter(torch.empty(d_a, num_interests))
+        self.b2 = nn.Parameter(torch.zeros(num_interests))
+        nn.init.xavier_uniform_(self.w1)
+        nn.init.xavier_uniform_(self.w2)
+        self.pos_emb = nn.Parameter(torch.empty(max_len, dim)) if add_pos else None
+        if self.pos_emb is not None:
+            nn.init.normal_(self.pos_emb, 0.0, 1.0 / math.sqrt(dim))
+
+    def user_embeddings(self, history: Tensor, mask: Tensor) -> Tensor:
+        """history (B, L <= max_len) int64, mask (B, L) bool -> (B, K, d)."""
+        history, mask = self._check_history(history, mask)
+        L = history.shape[1]
+        if L > self.max_len:
+            raise ValueError(f"history has seq_len {L} > max_len {self.max_len}")
+        pos = self.pos_emb[:L] if self.pos_emb is not None else None
+        return _ops.multi_interest_attention(self.embed(history), mask, self.w1, self.b1, self.w2,
+                                             self.b2, pos, self.backend)
+
+
+MODELS = {"youtubednn": YouTubeDNN, "gru4rec": GRU4Rec, "mind": MIND, "comirec-dr": ComiRecDR,
+          "comirec-sa": ComiRecSA}
+
+
+def build_model(name: str, n_items: int, **kwargs) -> SeqRecModel:
+    """Model by name ("youtubednn", "gru4rec", "mind", "comirec-dr", "comirec-sa"; "_" or "-")."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    key = name.lower().replace("_", "-")
+    if key not in MODELS:
+        raise ValueError(f"name must be one of {sorted(MODELS)}, got {name!r}")
+    return MODELS[key](n_items, **kwargs)

@@ -1,0 +1,302 @@
+"""Data pipeline: loaders (every format, bad inputs), preprocessing, splits, sampler invariants."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from seqrec_fast.data import (Dataset, Interactions, TrainSampler, eval_batches, kcore,
+                              load_comirec, load_csv, load_dataset, load_interactions,
+                              load_parquet, load_recbole, pad_histories, preprocess, synthetic,
+                              synthetic_dataset)
+
+
+def _write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+# ----------------------------------------------------------------------------- loaders
+def test_csv_custom_columns(tmp_path):
+    p = _write(tmp_path, "log.csv", "uid,ts,iid,extra\n1,10,5,x\n1,11,6,y\n\n2,3,5,z\n")
+    inter = load_csv(p, user_col="uid", item_col="iid", time_col="ts")
+    assert inter.user.tolist() == [1, 1, 2]
+    assert inter.item.tolist() == [5, 6, 5]
+    assert inter.time.tolist() == [10, 11, 3]
+    assert inter.user.dtype == np.int64
+
+
+def test_tsv_and_auto_format(tmp_path):
+    p = _write(tmp_path, "log.tsv", "user_id\titem_id\ttimestamp\n1\t2\t3.5\n4\t5\t6\n")
+    inter = load_interactions(p)
+    assert inter.item.tolist() == [2, 5] and inter.time.tolist() == [3.5, 6.0]
+
+
+def test_recbole(tmp_path):
+    p = _write(tmp_path, "ml.inter", "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+               "1\t10\t4.0\t100\n1\t11\t3.0\t101\n2\t10\t5.0\t99\n")
+    for inter in (load_recbole(p), load_interactions(p)):
+        assert inter.user.tolist() == [1, 1, 2] and inter.item.tolist() == [10, 11, 10]
+        assert inter.time.tolist() == [100, 101, 99]
+
+
+def test_comirec(tmp_path):
+    p = _write(tmp_path, "book.txt", "0,5,2,1000\n0,6,3,1001\n1,5,2,999\n")
+    for inter in (load_comirec(p), load_interactions(p, "comirec")):
+        assert inter.user.tolist() == [0, 0, 1] and inter.category.tolist() == [2, 3, 2]
+
+
+def test_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"user_id": [1, 2], "item_id": [3, 4], "timestamp": [5.0, 6.0]}), p)
+    assert load_parquet(p).item.tolist() == [3, 4]
+
+
+def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
+    p = _write(tmp_path, "x.parquet", "not parquet")
+    import builtins
+
+    real = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name.startswith("pyarrow"):
+            raise ImportError("no pyarrow")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(ImportError, match="pyarrow"):
+        load_parquet(p)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("user_id,item_id\n1,2\n", "missing column.*timestamp"),
+    ("user_id,item_id,timestamp\n1,abc,3\n", "item_id.*integer.*'abc'.*line 2"),
+    ("user_id,item_id,timestamp\n1.5,2,3\n", "user_id.*integer"),
+    ("user_id,item_id,timestamp\n1,2,noon\n", "timestamp.*numbers"),
+    ("user_id,item_id,timestamp\n", "no data rows"),
+    ("user_id,item_id,timestamp\n1,2\n", "line 2 has 2 fields"),
+])
+def test_csv_bad_input(tmp_path, text, match):
+    p = _write(tmp_path, "bad.csv", text)
+    with pytest.raises(ValueError, match=match):
+        load_csv(p)
+
+
+def test_empty_and_missing_files(tmp_path):
+    p = _write(tmp_path, "empty.csv", "")
+    with pytest.raises(ValueError, match="empty"):
+        load_csv(p)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_csv(tmp_path / "nope.csv")
+    with pytest.raises(TypeError, match="path"):
+        load_csv(123)
+    with pytest.raises(ValueError, match="format"):
+        load_interactions(p, "xml")
+    bad = _write(tmp_path, "bad.inter", "user_id:token\titem:token\n1\t2\n")
+    with pytest.raises(ValueError, match="missing column.*item_id"):
+        load_recbole(bad)
+
+
+# ------------------------------------------------------------------------- preprocessing
+def _toy(n_users=40, n_items=30, length=12, seed=0):
+    rng = np.random.default_rng(seed)
+    u = np.repeat(np.arange(n_users), length)
+    i = rng.integers(100, 100 + n_items, size=u.shape[0])
+    t = np.tile(np.arange(length), n_users).astype(float)
+    return Interactions(u, i, t)
+
+
+def test_kcore_invariant():
+    inter = _toy()
+    inter.item[:3] = [999, 998, 997]   # singletons
+    keep = kcore(inter.user, inter.item, 5)
+    u, i = inter.user[keep], inter.item[keep]
+    assert np.bincount(np.unique(u, return_inverse=True)[1]).min() >= 5
+    assert np.bincount(np.unique(i, return_inverse=True)[1]).min() >= 5
+    assert not np.isin([999, 998, 997], i).any()
+
+
+def test_preprocess_remap_and_user_split(caplog):
+    inter = _toy()
+    inter.item[:2] = [999, 998]
+    with caplog.at_level(logging.INFO, logger="seqrec_fast.data"):
+        ds = preprocess(inter, k_core=5)
+    assert "core filter dropped 2 interaction" in caplog.text
+    # ids: 0 padding, 1..n popularity-sorted by training counts
+    assert ds.item_counts[0] == 0
+    assert (np.diff(ds.item_counts[1:]) <= 0).all()
+    assert ds.train_items.min() >= 1 and ds.train_items.max() == ds.n_items - 1
+    # 8:1:1 users
+    assert (ds.n_train_users, ds.valid.n_users, ds.test.n_users) == (32, 4, 4)
+    # eval users: first 80 % history, rest targets
+    lens_h = np.diff(ds.test.hist_indptr)
+    lens_t = np.diff(ds.test.tgt_indptr)
+    assert ((lens_h == (0.8 * (lens_h + lens_t)).astype(int)) | (lens_h == 1)).all()
+
+
+def test_no_test_target_leakage_user_split():
+    inter = _toy()
+    ds = preprocess(inter, k_core=0, seed=3)
+    # reconstruct which raw users went where: every eval user is absent from training
+    # (sequences are random so a full sequence identifies its user)
+    train_seqs = {tuple(ds.train_items[a:b]) for a, b in
+                  zip(ds.train_indptr[:-1], ds.train_indptr[1:])}
+    for split in (ds.valid, ds.test):
+        for r in range(split.n_users):
+            full = np.concatenate([split.hist_items[split.hist_indptr[r]:split.hist_indptr[r + 1]],
+                                   split.tgt_items[split.tgt_indptr[r]:split.tgt_indptr[r + 1]]])
+            assert tuple(full) not in train_seqs
+
+
+def test_leave_last_out_no_leakage():
+    inter = _toy(n_users=10, length=8)
+    ds = preprocess(inter, k_core=0, split="leave_last_out")
+    assert ds.n_train_users == ds.valid.n_users == ds.test.n_users == 10
+    for r in range(10):
+        tr = ds.train_items[ds.train_indptr[r]:ds.train_indptr[r + 1]]
+        vh = ds.valid.hist_items[ds.valid.hist_indptr[r]:ds.valid.hist_indptr[r + 1]]
+        vt = ds.valid.tgt_items[ds.valid.tgt_indptr[r]:ds.valid.tgt_indptr[r + 1]]
+        th = ds.test.hist_items[ds.test.hist_indptr[r]:ds.test.hist_indptr[r + 1]]
+        tt = ds.test.tgt_items[ds.test.tgt_indptr[r]:ds.test.tgt_indptr[r + 1]]
+        assert len(tr) == 6 and len(vt) == 1 and len(tt) == 1
+        np.testing.assert_array_equal(vh, tr)
+        np.testing.assert_array_equal(th, np.concatenate([tr, vt]))
+
+
+def test_out_of_order_timestamps_are_sorted(caplog):
+    inter = Interactions(np.array([1, 1, 1, 2, 2]), np.array([7, 8, 9, 7, 8]),
+                         np.array([3.0, 1.0, 2.0, 1.0, 2.0]))
+    with caplog.at_level(logging.INFO, logger="seqrec_fast.data"):
+        ds = preprocess(inter, k_core=0, split="leave_last_out")
+    assert "reordered the interactions of 1 user" in caplog.text
+    assert "fewer than 3" in caplog.text     # user 2 has 2 interactions: dropped, counted
+    # user 1 in time order: 8, 9, 7 -> train [8], valid target 9, test target 7.
+    # popularity ids: 8 (1 training interaction) -> 1; 7, 9 (none, ties by raw id) -> 2, 3
+    assert ds.train_items.tolist() == [1]
+    assert ds.valid.tgt_items.tolist() == [3] and ds.test.tgt_items.tolist() == [2]
+    assert ds.test.hist_items.tolist() == [1, 3]
+
+
+def test_preprocess_bad_args():
+    inter = _toy()
+    with pytest.raises(ValueError, match="split"):
+        preprocess(inter, split="random")
+    with pytest.raises(ValueError, match="k_core"):
+        preprocess(inter, k_core=-1)
+    with pytest.raises(TypeError, match="inter"):
+        preprocess([1, 2])
+    with pytest.raises(ValueError, match="no interaction is left"):
+        preprocess(inter, k_core=1000)
+
+
+def test_cache_roundtrip(tmp_path, caplog):
+    p = tmp_path / "log.csv"
+    inter = _toy()
+    p.write_text("user_id,item_id,timestamp\n" + "\n".join(
+        f"{u},{i},{t}" for u, i, t in zip(inter.user, inter.item, inter.time)))
+    a = load_dataset(p, cache_dir=tmp_path / "cache")
+    with caplog.at_level(logging.INFO, logger="seqrec_fast.data"):
+        b = load_dataset(p, cache_dir=tmp_path / "cache")
+    assert "cached dataset" in caplog.text
+    for k in ("train_indptr", "train_items", "item_counts"):
+        np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
+    np.testing.assert_array_equal(a.test.tgt_items, b.test.tgt_items)
+    assert a.n_items == b.n_items and a.meta == b.meta
+
+
+# ------------------------------------------------------------------------------ synthetic
+def test_synthetic_deterministic_and_planted():
+    a = synthetic(200, 300, 10, seed=5)
+    b = synthetic(200, 300, 10, seed=5)
+    c = synthetic(200, 300, 10, seed=6)
+    np.testing.assert_array_equal(a.item, b.item)
+    assert not np.array_equal(a.item, c.item)
+    assert a.item.min() >= 1 and a.item.max() <= 300
+    # each user's items come from interests_per_user (4) clusters
+    for u in range(5):
+        assert len(np.unique(a.category[a.user == u])) <= 4
+    # Zipf popularity: the top 10 % of items take a clearly outsized share
+    cnt = np.sort(np.bincount(a.item))[::-1]
+    assert cnt[:30].sum() > 0.2 * cnt.sum()
+    with pytest.raises(ValueError, match="interests_per_user"):
+        synthetic(10, 100, 3, interests_per_user=4)
+    with pytest.raises(TypeError, match="n_users"):
+        synthetic(10.5, 100, 3)
+
+
+def test_synthetic_dataset_categories():
+    ds = synthetic_dataset(n_users=300, n_items=200, n_interests=8)
+    assert ds.item_category.shape == (ds.n_items,) and ds.item_category[0] == -1
+    assert set(np.unique(ds.item_category[1:])) <= set(range(8))
+
+
+# -------------------------------------------------------------------------------- sampler
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_sampler_invariants(padding):
+    ds = synthetic_dataset(n_users=300, n_items=200, n_interests=8)
+    L = 10
+    s = TrainSampler(ds.train_indptr, ds.train_items, batch_size=256, max_len=L, padding=padding,
+                     seed=1)
+    b = s.sample()
+    h, m, t, u = b["history"], b["mask"], b["target"], b["user"]
+    assert h.shape == (256, L) and m.dtype == torch.bool and t.shape == (256,)
+    assert ((h == 0) == ~m).all()              # 0 exactly at padding
+    n = m.sum(1)
+    assert (n >= 4).all()                       # target position k >= 4
+    if padding == "right":
+        assert (m == (torch.arange(L)[None] < n[:, None])).all()
+    else:
+        assert (m == (torch.arange(L)[None] >= (L - n)[:, None])).all()
+    # history = the items right before the target in the user's training sequence
+    ip, it = ds.train_indptr, ds.train_items
+    for r in range(32):
+        seq = it[ip[u[r]]:ip[u[r] + 1]]
+        real = h[r][m[r]].numpy()
+        pos = [k for k in range(4, len(seq)) if seq[k] == int(t[r])
+               and np.array_equal(seq[max(0, k - L):k][-len(real):], real) and min(k, L) == len(real)]
+        assert pos, f"row {r}: history/target not found in the user's sequence"
+    # deterministic, and the state round-trips
+    s2 = TrainSampler(ds.train_indptr, ds.train_items, batch_size=256, max_len=L, padding=padding,
+                      seed=1)
+    assert torch.equal(s2.sample()["history"], h)
+    st = s.state_dict()
+    x = s.sample()
+    s.load_state_dict(st)
+    assert torch.equal(s.sample()["target"], x["target"])
+    assert s.throughput(20) > 0
+
+
+def test_sampler_errors():
+    with pytest.raises(ValueError, match="min_pos"):
+        TrainSampler(np.array([0, 3]), np.array([1, 2, 3]), batch_size=2)
+    with pytest.raises(TypeError, match="batch_size"):
+        TrainSampler(np.array([0, 6]), np.arange(1, 7), batch_size=2.0)
+    with pytest.raises(ValueError, match="padding"):
+        TrainSampler(np.array([0, 6]), np.arange(1, 7), padding="middle")
+
+
+def test_eval_batches_use_history_only():
+    ds = synthetic_dataset(n_users=300, n_items=200, n_interests=8)
+    seen = 0
+    for hist, mask, ptr, tgt in eval_batches(ds.test, max_len=15, batch_size=7):
+        for r in range(hist.shape[0]):
+            g = seen + r
+            h = ds.test.hist_items[ds.test.hist_indptr[g]:ds.test.hist_indptr[g + 1]][-15:]
+            np.testing.assert_array_equal(hist[r][mask[r]].numpy(), h)
+            np.testing.assert_array_equal(tgt[int(ptr[r]):int(ptr[r + 1])].numpy(),
+                                          ds.test.tgt_items[ds.test.tgt_indptr[g]:ds.test.tgt_indptr[g + 1]])
+        seen += hist.shape[0]
+    assert seen == ds.test.n_users
+
+
+def test_pad_histories_short_rows():
+    indptr = torch.tensor([0, 2, 7])
+    items = torch.tensor([5, 6, 1, 2, 3, 4, 9])
+    h, m = pad_histories(indptr, items, torch.tensor([0, 1]), torch.tensor([2, 5]), 3, "left")
+    assert h.tolist() == [[0, 5, 6], [3, 4, 9]] and m.sum().item() == 5
+    h, m = pad_histories(indptr, items, torch.tensor([0, 1]), torch.tensor([2, 5]), 3, "right")
+    assert h.tolist() == [[5, 6, 0], [3, 4, 9]]

@@ -1,0 +1,113 @@
+"""Metrics and retrieval against hand-computed examples."""
+import math
+
+import pytest
+import torch
+
+from seqrec_fast.evaluate import Retriever, evaluate_popularity, faiss_available, merge_topn
+from seqrec_fast.metrics import aggregate, format_table, per_user_metrics
+
+L2 = lambda i: 1.0 / math.log2(i + 2)  # noqa: E731  discount of 0-based rank i
+
+
+def test_hand_computed_metrics():
+    # user 0: recs [5, 3, 9, 1], targets {3, 1}: hits at ranks 1 and 3
+    # user 1: recs [2, 2, 7, 8], targets {8}: hit at rank 3; the repeated 2 counts once
+    # user 2: recs [4, -1, 0, 6], targets {4, 4, 7}: targets de-duplicated to {4, 7}
+    recs = torch.tensor([[5, 3, 9, 1], [2, 2, 7, 8], [4, -1, 0, 6]])
+    ptr = torch.tensor([0, 2, 3, 6])
+    tgt = torch.tensor([3, 1, 8, 4, 4, 7])
+    m = per_user_metrics(recs, ptr, tgt, ks=(2, 4))
+    assert m["recall@2"].tolist() == [0.5, 0.0, 0.5]
+    assert m["recall@4"].tolist() == [1.0, 1.0, 0.5]
+    assert m["hitrate@2"].tolist() == [1.0, 0.0, 1.0]
+    idcg2 = L2(0) + L2(1)
+    torch.testing.assert_close(m["ndcg@2"], torch.tensor([L2(1) / idcg2, 0.0, 1.0 / idcg2],
+                                                         dtype=torch.float64))
+    # IDCG over min(|T|, N): user 1 has one target -> IDCG = 1
+    torch.testing.assert_close(m["ndcg@4"], torch.tensor(
+        [(L2(1) + L2(3)) / idcg2, L2(3), 1.0 / idcg2], dtype=torch.float64))
+    agg = aggregate([m])
+    assert agg["recall@4"] == pytest.approx(2.5 / 3)
+    assert "recall@4" in format_table({"x": agg}, ks=(2, 4))
+
+
+def test_padding_never_counts():
+    m = per_user_metrics(torch.tensor([[0, 0]]), torch.tensor([0, 1]), torch.tensor([0]), ks=(2,))
+    assert m["recall@2"].item() == 0.0
+
+
+def test_metric_errors():
+    with pytest.raises(ValueError, match="recs"):
+        per_user_metrics(torch.tensor([1, 2]), torch.tensor([0, 1]), torch.tensor([1]))
+    with pytest.raises(ValueError, match="tgt_indptr"):
+        per_user_metrics(torch.tensor([[1, 2]]), torch.tensor([0, 1, 2]), torch.tensor([1]), ks=(2,))
+    with pytest.raises(ValueError, match="ks"):
+        per_user_metrics(torch.tensor([[1, 2]]), torch.tensor([0, 1]), torch.tensor([1]), ks=(5,))
+
+
+def test_merge_dedup_by_best_score():
+    ids = torch.tensor([[4, 7, 1, 7, 0, 4]])
+    sc = torch.tensor([[0.9, 0.5, 0.1, 0.8, 5.0, 0.3]])
+    out, s = merge_topn(ids, sc, 5)
+    assert out.tolist() == [[4, 7, 1, -1, -1]]           # padding 0 excluded, 7 keeps 0.8
+    assert s[0, :3].tolist() == pytest.approx([0.9, 0.8, 0.1])
+
+
+def _retrieval_case():
+    # items (row 0 padding with a huge score that must never come back)
+    items = torch.tensor([[10.0, 10.0], [1.0, 0.0], [0.0, 1.0], [0.95, 0.1], [0.1, 0.9], [0.45, 0.45]])
+    # one user, two interests pointing at the two axes
+    user = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    return items, user
+
+
+def test_torch_retrieval_merges_interests():
+    items, user = _retrieval_case()
+    r = Retriever(items, "torch")
+    ids, sc = r.recommend(user, 3)
+    # interest 0 scores: 1:1.0 3:0.95 5:0.45 ; interest 1: 2:2.0 4:1.8 5:0.9 3:0.2
+    assert ids.tolist() == [[2, 4, 1]]
+    assert sc.tolist()[0] == pytest.approx([2.0, 1.8, 1.0])
+    ids, _ = r.recommend(user, 5)
+    assert ids.tolist() == [[2, 4, 1, 3, 5]]    # 3 and 5 appear once, with their best score
+    with pytest.raises(ValueError, match="user_emb"):
+        r.recommend(user[0], 3)
+
+
+@pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
+def test_faiss_matches_torch(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    items = torch.randn(500, 16, generator=g)
+    users = torch.randn(20, 3, 16, generator=g)
+    a = Retriever(items, "torch").recommend(users, 50)[0]
+    b = Retriever(items, "faiss", use_gpu=False).recommend(users, 50)[0]
+    assert (a == b).float().mean() > 0.99
+    Retriever(items, "faiss", use_gpu=False).save(str(tmp_path / "i.faiss"))
+
+
+def test_faiss_missing_is_said(caplog, monkeypatch):
+    import logging
+
+    import seqrec_fast.evaluate as ev
+
+    monkeypatch.setattr(ev, "faiss_available", lambda: False)   # as on a machine without faiss
+    with pytest.raises(RuntimeError, match="faiss"):
+        ev.Retriever(torch.randn(5, 2), "faiss")
+
+    ev._said.clear()
+    with caplog.at_level(logging.INFO, logger="seqrec_fast.evaluate"):
+        assert ev.Retriever(torch.randn(5, 2), "auto").method == "torch"
+    assert "faiss is not installed" in caplog.text
+
+
+def test_popularity_baseline():
+    from seqrec_fast.data.preprocess import EvalSplit
+    import numpy as np
+
+    split = EvalSplit(np.array([0, 1, 2]), np.array([1, 1]), np.array([0, 1, 3]),
+                      np.array([2, 3, 1]))
+    counts = np.array([0, 1, 9, 5])            # most popular: 2, then 3, then 1
+    m = evaluate_popularity(counts, split, ks=(1, 2))
+    assert m["recall@1"] == pytest.approx((1.0 + 0.0) / 2)
+    assert m["recall@2"] == pytest.approx((1.0 + 0.5) / 2)
