@@ -64,7 +64,9 @@ def sequence_mask(mask, batch: int, seq_len: int, device: torch.device,
             raise TypeError(f"{name} as lengths (batch,) must be an integer tensor, got {mask.dtype}")
         if mask.shape[0] != batch:
             raise ValueError(f"{name} as lengths must have shape ({batch},), got {tuple(mask.shape)}")
-        if batch and (int(mask.min()) < 0 or int(mask.max()) > seq_len):
+        # value check needs a host sync; skipped while torch.compile traces (data-dependent)
+        if batch and not torch.compiler.is_compiling() and (
+                int(mask.min()) < 0 or int(mask.max()) > seq_len):
             raise ValueError(f"{name} lengths must lie in [0, {seq_len}], got range "
                              f"[{int(mask.min())}, {int(mask.max())}]")
         return torch.arange(seq_len, device=device)[None, :] < mask[:, None]

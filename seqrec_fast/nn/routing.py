@@ -25,7 +25,8 @@ class CapsuleRouting(nn.Module):
         drawn from the generator given to ``forward`` so runs are reproducible).
     Default init_logits: "normal" for shared, "zeros" for per_position.
 
-    forward(seq_emb (B, L, d), mask (B, L) bool or lengths (B,), generator=None) -> (B, K, d)
+    forward(seq_emb (B, L, d), mask (B, L) bool or lengths (B,), generator=None,
+            init_logits=None) -> (B, K, d)
     """
 
     def __init__(self, dim: int, num_interests: int, seq_len: Optional[int] = None, *,
@@ -65,9 +66,15 @@ class CapsuleRouting(nn.Module):
             nn.init.normal_(self.weight, 0.0, 1.0)
 
     def forward(self, seq_emb: Tensor, mask: Tensor,
-                generator: Optional[torch.Generator] = None) -> Tensor:
-        init = None
-        if self.init_logits == "normal":
+                generator: Optional[torch.Generator] = None,
+                init_logits: Optional[Tensor] = None) -> Tensor:
+        """seq_emb (B, L, d), mask (B, L) bool or lengths (B,) -> interests (B, K, d).
+
+        ``init_logits (B, K, L)`` overrides the layer's own logits (e.g. under
+        torch.compile, which cannot take a Generator argument).
+        """
+        init = init_logits
+        if init is None and self.init_logits == "normal":
             _checks.tensor("seq_emb", seq_emb, ndim=3)
             B, L, _ = seq_emb.shape
             init = torch.randn(B, self.num_interests, L, device=seq_emb.device,
