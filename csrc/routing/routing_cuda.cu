@@ -1,0 +1,327 @@
+// CUDA binding of capsule routing: routing_fwd_cuda / routing_bwd_cuda in seqrec_fast._C, with
+// the signatures of routing_fwd_cpu / routing_bwd_cpu (routing_cpu.cpp). Checks every input,
+// allocates outputs (and the kernels' workspace when their state does not fit on chip), and
+// launches the framework-free kernels of routing_kernels.h on the current stream of u's device.
+//
+// u layouts (detected from u.dim()):
+//   shared (MIND):          u (B, L, d), the same u_hat for every interest;
+//   per_position (ComiRec): u (L, B, K, d), u_hat[b, k, l] = u[l, b, k].
+// Element types: float32, bfloat16, float16 (fp32 accumulation); float64 is served by the
+// 'cpp', 'triton' and 'eager' backends.
+// Environment: SEQREC_FAST_ROUTING_CUDA_THREADS=<multiple of 32, <= 512> fixes the block size
+// (tuning aid; default automatic).
+//
+// This file has no device code. Its body is hidden from nvcc's device pass (__CUDA_ARCH__), so
+// the torch headers are parsed only for the host: that halves its compile time.
+#ifdef SEQREC_FAST_WITH_CUDA
+#ifndef __CUDA_ARCH__
+
+#include <cstdlib>
+#include <optional>
+#include <tuple>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "common/registry.h"
+#include "routing/routing_kernels.h"
+
+namespace seqrec_fast {
+namespace {
+
+namespace rk = routing_cuda;
+
+void check_on(const at::Tensor& t, const char* name, const at::Device& dev) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == dev, name, " must be on ", dev, " like the other inputs, got ",
+              t.device());
+}
+
+void check_inner_stride(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, name,
+              " must have stride 1 in its last dimension, got strides ", t.strides());
+}
+
+rk::DType element_type(at::ScalarType st, const char* name) {
+  switch (st) {
+    case at::kFloat: return rk::DType::kFloat32;
+    case at::kBFloat16: return rk::DType::kBFloat16;
+    case at::kHalf: return rk::DType::kFloat16;
+    default: break;
+  }
+  TORCH_CHECK(false, name, " must be float32, bfloat16 or float16 for the cuda backend, got ", st,
+              " (float64 runs on the 'cpp', 'triton' and 'eager' backends)");
+  return rk::DType::kFloat32;
+}
+
+// mask (B, L) bool
+void check_mask(const at::Tensor& mask, int64_t B, int64_t L, const at::Device& dev) {
+  check_on(mask, "mask", dev);
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be a bool tensor, got ",
+              mask.scalar_type());
+  SEQREC_FAST_CHECK_SHAPE(mask, B, L);
+  check_inner_stride(mask, "mask");
+}
+
+// init_logits (B, K, L) float32 / float64, or None; returned as float32.
+std::optional<at::Tensor> prepare_init(const std::optional<at::Tensor>& init_logits, int64_t B,
+                                       int64_t K, int64_t L, const at::Device& dev) {
+  if (!init_logits.has_value() || !init_logits->defined()) return std::nullopt;
+  const at::Tensor& init = *init_logits;
+  check_on(init, "init_logits", dev);
+  TORCH_CHECK(init.scalar_type() == at::kFloat || init.scalar_type() == at::kDouble,
+              "init_logits must be float32 or float64, got ", init.scalar_type());
+  SEQREC_FAST_CHECK_SHAPE(init, B, K, L);
+  check_inner_stride(init, "init_logits");
+  if (init.scalar_type() == at::kFloat) return init;
+  return init.to(at::kFloat);  // keeps stride 1 in the last dimension
+}
+
+struct Layout {
+  bool shared;
+  int64_t B, K, L, d;
+  int64_t sb, sk, sl;  // strides of u for batch, interest (0 when shared), position
+};
+
+Layout u_layout(const at::Tensor& u, int64_t K) {
+  Layout lo{};
+  if (u.dim() == 3) {
+    lo.shared = true;
+    lo.B = u.size(0);
+    lo.L = u.size(1);
+    lo.d = u.size(2);
+    lo.K = K;
+    lo.sb = u.stride(0);
+    lo.sl = u.stride(1);
+    lo.sk = 0;
+  } else {
+    TORCH_CHECK(u.dim() == 4,
+                "u must be (B, L, d) (shared) or (L, B, K, d) (per_position), got shape ",
+                u.sizes());
+    lo.shared = false;
+    lo.L = u.size(0);
+    lo.B = u.size(1);
+    TORCH_CHECK(u.size(2) == K, "u (L, B, K, d) must have K = num_interests = ", K,
+                " in dim 2, got shape ", u.sizes());
+    lo.K = K;
+    lo.d = u.size(3);
+    lo.sl = u.stride(0);
+    lo.sb = u.stride(1);
+    lo.sk = u.stride(2);
+  }
+  return lo;
+}
+
+void check_args(int64_t num_interests, int64_t iters) {
+  TORCH_CHECK(num_interests >= 1, "num_interests must be >= 1, got ", num_interests);
+  TORCH_CHECK(iters >= 1, "iters must be >= 1, got ", iters);
+}
+
+int threads_from_env() {
+  const char* s = std::getenv("SEQREC_FAST_ROUTING_CUDA_THREADS");
+  if (s == nullptr || *s == '\0') return 0;
+  const int t = std::atoi(s);
+  TORCH_CHECK(t >= 32 && t <= 512 && t % 32 == 0,
+              "SEQREC_FAST_ROUTING_CUDA_THREADS must be a multiple of 32 in [32, 512], got '", s,
+              "'");
+  return t;
+}
+
+// Plans, allocates the workspace if needed, and launches on the current stream.
+void run(rk::Pass pass, rk::DType dt, rk::RoutingParams& p, const at::Device& dev,
+         const char* what) {
+  p.threads = threads_from_env();
+  rk::RoutingPlan plan;
+  cudaError_t err = rk::routing_cuda_plan(pass, dt, p, &plan);
+  TORCH_CHECK(err == cudaSuccess, what, ": cannot plan the CUDA kernel (B=", p.B, ", K=", p.K,
+              ", L=", p.L, ", d=", p.d, ", iters=", p.iters, "): ", cudaGetErrorString(err));
+  at::Tensor workspace;
+  if (plan.workspace_bytes > 0) {
+    const int64_t words = int64_t((plan.workspace_bytes + 3) / 4);
+    workspace = at::empty({words}, at::TensorOptions().device(dev).dtype(at::kFloat));
+    p.workspace = workspace.data_ptr();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  err = rk::routing_cuda_launch(pass, dt, p, plan, stream);
+  TORCH_CHECK(err == cudaSuccess, what, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+  // the workspace goes back to the caching allocator on this stream: reuse is stream-ordered
+}
+
+// routing_fwd_cuda(u, mask, init_logits, num_interests, iters, seq_axis) -> (v, c_last, s_last)
+//   v (B, K, d) u.dtype; c_last (B, K, L), s_last (B, K, d) float32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_fwd_cuda(
+    const at::Tensor& u, const at::Tensor& mask, const std::optional<at::Tensor>& init_logits,
+    int64_t num_interests, int64_t iters, bool seq_axis) {
+  check_args(num_interests, iters);
+  TORCH_CHECK(u.is_cuda(), "u must be a CUDA tensor, got device ", u.device());
+  const at::Device dev = u.device();
+  const rk::DType dt = element_type(u.scalar_type(), "u");
+  check_inner_stride(u, "u");
+  const Layout lo = u_layout(u, num_interests);
+  const int64_t B = lo.B, K = lo.K, L = lo.L, d = lo.d;
+  check_mask(mask, B, L, dev);
+  const c10::cuda::CUDAGuard guard(dev);
+  const std::optional<at::Tensor> init = prepare_init(init_logits, B, K, L, dev);
+
+  at::Tensor v = at::empty({B, K, d}, u.options());
+  at::Tensor c_last = at::empty({B, K, L}, u.options().dtype(at::kFloat));
+  at::Tensor s_last = at::empty({B, K, d}, u.options().dtype(at::kFloat));
+  if (B == 0) return {v, c_last, s_last};
+  TORCH_CHECK(L >= 1 && d >= 1,
+              "routing_fwd_cuda: u must have seq_len >= 1 and dim >= 1, got shape ", u.sizes());
+
+  rk::RoutingParams p;
+  p.B = B;
+  p.K = K;
+  p.L = L;
+  p.d = d;
+  p.iters = iters;
+  p.seq_axis = seq_axis;
+  p.shared = lo.shared;
+  p.u = u.data_ptr();
+  p.u_sb = lo.sb;
+  p.u_sk = lo.sk;
+  p.u_sl = lo.sl;
+  p.mask = mask.data_ptr<bool>();
+  p.mask_sb = mask.stride(0);
+  if (init) {
+    p.init = init->data_ptr<float>();
+    p.init_sb = init->stride(0);
+    p.init_sk = init->stride(1);
+  }
+  p.v = v.data_ptr();
+  p.c_last = c_last.data_ptr<float>();
+  p.s_last = s_last.data_ptr<float>();
+  run(rk::Pass::kForward, dt, p, dev, "routing_fwd_cuda");
+  return {v, c_last, s_last};
+}
+
+// routing_bwd_cuda(grad_v, u, mask, init_logits, c_last, s_last, num_interests, iters, seq_axis,
+//                  detach, per_position) -> grad_u
+//   grad_v (B, K, d); grad_u in grad_v's dtype: (B, L, d) shared (summed over interests) or
+//   (L, B, K, d) per_position. detach: u, init_logits unused (may be None), c_last / s_last from
+//   the forward required. Not detach: u (same dtype as grad_v) required, c_last / s_last unused.
+at::Tensor routing_bwd_cuda(const at::Tensor& grad_v_in, const std::optional<at::Tensor>& u_opt,
+                            const at::Tensor& mask, const std::optional<at::Tensor>& init_logits,
+                            const std::optional<at::Tensor>& c_last_opt,
+                            const std::optional<at::Tensor>& s_last_opt, int64_t num_interests,
+                            int64_t iters, bool seq_axis, bool detach, bool per_position) {
+  check_args(num_interests, iters);
+  TORCH_CHECK(grad_v_in.is_cuda(), "grad_v must be a CUDA tensor, got device ",
+              grad_v_in.device());
+  const at::Device dev = grad_v_in.device();
+  const rk::DType dt = element_type(grad_v_in.scalar_type(), "grad_v");
+  TORCH_CHECK(grad_v_in.dim() == 3, "grad_v must be (B, K, d), got shape ", grad_v_in.sizes());
+  const c10::cuda::CUDAGuard guard(dev);
+  const at::Tensor grad_v = grad_v_in.contiguous();
+  const int64_t B = grad_v.size(0), K = num_interests, d = grad_v.size(2);
+  TORCH_CHECK(grad_v.size(1) == K, "grad_v must be (B, K, d) with K = num_interests = ", K,
+              ", got shape ", grad_v.sizes());
+  check_on(mask, "mask", dev);
+  TORCH_CHECK(mask.dim() == 2, "mask must be (B, L), got shape ", mask.sizes());
+  const int64_t L = mask.size(1);
+  check_mask(mask, B, L, dev);
+  const at::ScalarType st = grad_v.scalar_type();
+
+  const bool have_u = u_opt.has_value() && u_opt->defined();
+  Layout lo{};
+  if (have_u) {
+    const at::Tensor& u = *u_opt;
+    check_on(u, "u", dev);
+    TORCH_CHECK(u.scalar_type() == st, "u must have grad_v's dtype ", st, ", got ",
+                u.scalar_type());
+    check_inner_stride(u, "u");
+    TORCH_CHECK(u.dim() == (per_position ? 4 : 3), "u must be ",
+                per_position ? "(L, B, K, d) for per_position" : "(B, L, d) for shared",
+                ", got shape ", u.sizes());
+    lo = u_layout(u, K);
+    if (per_position) {
+      SEQREC_FAST_CHECK_SHAPE(u, L, B, K, d);
+    } else {
+      SEQREC_FAST_CHECK_SHAPE(u, B, L, d);
+    }
+  }
+  TORCH_CHECK(detach || have_u, "u is required when detach is false");
+
+  at::Tensor c_last, s_last;
+  if (detach) {
+    TORCH_CHECK(c_last_opt.has_value() && c_last_opt->defined(),
+                "c_last is required when detach is true");
+    TORCH_CHECK(s_last_opt.has_value() && s_last_opt->defined(),
+                "s_last is required when detach is true");
+    check_on(*c_last_opt, "c_last", dev);
+    check_on(*s_last_opt, "s_last", dev);
+    TORCH_CHECK(c_last_opt->scalar_type() == at::kFloat, "c_last must be float32, got ",
+                c_last_opt->scalar_type());
+    TORCH_CHECK(s_last_opt->scalar_type() == at::kFloat, "s_last must be float32, got ",
+                s_last_opt->scalar_type());
+    SEQREC_FAST_CHECK_SHAPE(*c_last_opt, B, K, L);
+    SEQREC_FAST_CHECK_SHAPE(*s_last_opt, B, K, d);
+    c_last = c_last_opt->contiguous();
+    s_last = s_last_opt->contiguous();
+  }
+  const std::optional<at::Tensor> init =
+      detach ? std::nullopt : prepare_init(init_logits, B, K, L, dev);
+
+  at::Tensor grad_u = per_position ? at::empty({L, B, K, d}, grad_v.options())
+                                   : at::empty({B, L, d}, grad_v.options());
+  if (B == 0 || grad_u.numel() == 0) return grad_u;
+
+  rk::RoutingParams p;
+  p.B = B;
+  p.K = K;
+  p.L = L;
+  p.d = d;
+  p.iters = iters;
+  p.seq_axis = seq_axis;
+  p.shared = !per_position;
+  p.mask = mask.data_ptr<bool>();
+  p.mask_sb = mask.stride(0);
+  p.grad_v = grad_v.data_ptr();
+  // grad_u row b: per_position out(k, l) = base + b*K*d + k*d + l*B*K*d; shared b*L*d + l*d.
+  p.grad_u = grad_u.data_ptr();
+  p.g_sb = per_position ? K * d : L * d;
+  p.g_sk = per_position ? d : 0;
+  p.g_sl = per_position ? B * K * d : d;
+  if (detach) {
+    p.c_in = c_last.data_ptr<float>();
+    p.s_in = s_last.data_ptr<float>();
+    run(rk::Pass::kBackwardDetached, dt, p, dev, "routing_bwd_cuda");
+  } else {
+    p.u = u_opt->data_ptr();
+    p.u_sb = lo.sb;
+    p.u_sk = lo.sk;
+    p.u_sl = lo.sl;
+    if (init) {
+      p.init = init->data_ptr<float>();
+      p.init_sb = init->stride(0);
+      p.init_sk = init->stride(1);
+    }
+    run(rk::Pass::kBackwardFull, dt, p, dev, "routing_bwd_cuda");
+  }
+  return grad_u;
+}
+
+}  // namespace
+}  // namespace seqrec_fast
+
+static seqrec_fast::RegisterBindings reg_routing_cuda([](pybind11::module_& m) {
+  using seqrec_fast::routing_bwd_cuda;
+  using seqrec_fast::routing_fwd_cuda;
+  m.def("routing_fwd_cuda", &routing_fwd_cuda,
+        "Capsule routing forward on CUDA -> (v, c_last, s_last). u: (B, L, d) shared or "
+        "(L, B, K, d) per_position, float32/bfloat16/float16; mask (B, L) bool; init_logits "
+        "(B, K, L) or None.",
+        pybind11::arg("u"), pybind11::arg("mask"), pybind11::arg("init_logits"),
+        pybind11::arg("num_interests"), pybind11::arg("iters"), pybind11::arg("seq_axis"));
+  m.def("routing_bwd_cuda", &routing_bwd_cuda,
+        "Capsule routing backward on CUDA -> grad_u ((B, L, d) shared, (L, B, K, d) "
+        "per_position).",
+        pybind11::arg("grad_v"), pybind11::arg("u"), pybind11::arg("mask"),
+        pybind11::arg("init_logits"), pybind11::arg("c_last"), pybind11::arg("s_last"),
+        pybind11::arg("num_interests"), pybind11::arg("iters"), pybind11::arg("seq_axis"),
+        pybind11::arg("detach"), pybind11::arg("per_position"));
+});
+
+#endif  // !__CUDA_ARCH__
+#endif  // SEQREC_FAST_WITH_CUDA
