@@ -1,0 +1,180 @@
+"""Speed and memory of the catalog-scale softmax losses against eager PyTorch and torch.compile.
+
+    python bench/softmax.py                  # headline shapes for the device
+    python bench/softmax.py --quick          # CI-sized run
+    python bench/softmax.py --gpu-suite      # what bench/gpu_suite.sh runs (bf16 and fp32)
+    python bench/softmax.py --full 4096,1000000,64 --sampled 4096,1000000,8192,64 --dtype bf16
+
+Providers: eager (the reference, builds the logits), compile (torch.compile of it), ours
+(triton on CUDA, cpp on CPU), and the public peers when installed (never required):
+cut-cross-entropy (``cce``) and liger-kernel (``liger``). Columns: ms fwd+bwd (median, p20-p80),
+peak MiB above the inputs. Rows go to bench/results/softmax.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import _harness  # noqa: E402
+import seqrec_fast  # noqa: E402
+from seqrec_fast import backend as B  # noqa: E402
+from seqrec_fast.ops.softmax import linear_cross_entropy, sampled_softmax_loss  # noqa: E402
+from seqrec_fast.reference.softmax import (linear_cross_entropy_ref,  # noqa: E402
+                                           sampled_softmax_ref)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GPU_FULL = [(4096, 100_000, 64), (4096, 1_000_000, 64), (8192, 2_000_000, 128)]
+GPU_SAMPLED = [(4096, 1_000_000, 8192, 64)]  # (B, N, S, d), shared negatives + in-batch
+CPU_FULL = [(1024, 100_000, 64)]
+CPU_SAMPLED = [(1024, 100_000, 2048, 64)]
+QUICK_FULL = [(256, 8192, 32)]
+QUICK_SAMPLED = [(256, 8192, 512, 32)]
+# eager / torch.compile materialise (B, N) logits several times: skip them where that cannot fit
+EAGER_MAX_ELEMS = {"cuda": 4096 * 1_000_000, "cpu": 1024 * 200_000}
+
+
+def _peers():
+    peers = {}
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        peers["cce"] = lambda u, w, t, b: cce(u, w, t, bias=b)
+    except Exception:  # noqa: BLE001 - optional
+        pass
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as lfce
+
+        peers["liger"] = lambda u, w, t, b: lfce(u, w, t, bias=b)
+    except Exception:  # noqa: BLE001 - optional
+        pass
+    return peers
+
+
+def full_cases(shapes, dtype, device, providers, modes):
+    cases = []
+    compiled = torch.compile(linear_cross_entropy_ref, dynamic=False)
+    ours = "triton" if device.type == "cuda" else "cpp"
+    peers = _peers() if device.type == "cuda" else {}
+    for b, n, d in shapes:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        user = (torch.randn(b, d, generator=g) * 0.3).to(device=device, dtype=dtype)
+        items = (torch.randn(n, d, generator=g) * 0.3).to(device=device, dtype=dtype)
+        target = torch.randint(0, n, (b,), generator=g).to(device)
+        user.requires_grad_(True)
+        items.requires_grad_(True)
+        fns = {}
+        big = b * n > EAGER_MAX_ELEMS[device.type]
+        for p in providers:
+            if p == "eager" and not big:
+                fns[p] = lambda: linear_cross_entropy_ref(user, items, target)
+            elif p == "compile" and not big:
+                fns[p] = lambda: compiled(user, items, target)
+            elif p == "ours" and B.available("linear_cross_entropy", ours, device):
+                fns[ours] = lambda: linear_cross_entropy(user, items, target, backend=ours)
+            elif p in peers:
+                fns[p] = lambda f=peers[p]: f(user, items, target, None)
+        tag = f"{b}x{n}x{d}"
+        for mode in modes:
+            for p, fn in fns.items():
+                run = _harness.no_grad(fn) if mode == "fwd" else _harness.fwd_bwd(fn, [user, items])
+                cases.append(_harness.Case(p, mode, tag, run, variant="full",
+                                           dtype=str(dtype).replace("torch.", "")))
+    return cases
+
+
+def sampled_cases(shapes, dtype, device, providers, modes):
+    cases = []
+    compiled = torch.compile(sampled_softmax_ref, dynamic=False)
+    ours = "triton" if device.type == "cuda" else "cpp"
+    for b, n, s, d in shapes:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        user = (torch.randn(b, d, generator=g) * 0.3).to(device=device, dtype=dtype)
+        items = (torch.randn(n, d, generator=g) * 0.3).to(device=device, dtype=dtype)
+        target = torch.randint(0, n, (b,), generator=g).to(device)
+        neg = torch.randint(0, n, (s,), generator=g).to(device)
+        log_q = torch.full((s,), -float(torch.log(torch.tensor(float(n)))), device=device)
+        user.requires_grad_(True)
+        items.requires_grad_(True)
+        kw = dict(log_q=log_q, target_log_q=torch.full((b,), -10.0, device=device))
+        fns = {}
+        for p in providers:
+            if p == "eager":
+                fns[p] = lambda: sampled_softmax_ref(user, items, target, neg, **kw)
+            elif p == "compile":
+                fns[p] = lambda: compiled(user, items, target, neg, **kw)
+            elif p == "ours" and B.available("sampled_softmax", ours, device):
+                fns[ours] = lambda: sampled_softmax_loss(user, items, target, neg,
+                                                         backend=ours, **kw)
+        tag = f"{b}x{n}xS{s}x{d}"
+        for mode in modes:
+            for p, fn in fns.items():
+                run = _harness.no_grad(fn) if mode == "fwd" else _harness.fwd_bwd(fn, [user, items])
+                cases.append(_harness.Case(p, mode, tag, run, variant="sampled",
+                                           dtype=str(dtype).replace("torch.", "")))
+    return cases
+
+
+def _parse(specs, n):
+    out = []
+    for s in specs or []:
+        t = tuple(int(float(x)) for x in s.split(","))
+        if len(t) != n:
+            raise SystemExit(f"shape {s!r} needs {n} comma-separated numbers")
+        out.append(t)
+    return out
+
+
+def main(argv=None):
+    _harness.stable_malloc()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="comma list of " + ",".join(sorted(DTYPES))
+                    + " (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--full", nargs="*", help="B,N,d ... full-catalog shapes")
+    ap.add_argument("--sampled", nargs="*", help="B,N,S,d ... sampled-softmax shapes")
+    ap.add_argument("--providers", default="eager,compile,ours,cce,liger")
+    ap.add_argument("--modes", default="fwd+bwd", help="comma list of fwd, fwd+bwd")
+    ap.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
+    ap.add_argument("--gpu-suite", action="store_true",
+                    help="headline GPU shapes, bf16 and fp32 (bench/gpu_suite.sh)")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--csv", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    providers = args.providers.split(",")
+    modes = args.modes.split(",")
+    if args.full is not None or args.sampled is not None:
+        full, sampled = _parse(args.full, 3), _parse(args.sampled, 4)
+    elif args.quick:
+        full, sampled = QUICK_FULL, QUICK_SAMPLED
+    elif device.type == "cuda":
+        full, sampled = GPU_FULL, GPU_SAMPLED
+    else:
+        full, sampled = CPU_FULL, CPU_SAMPLED
+    dtypes = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    if args.gpu_suite:  # the issue's headline shapes only (the suite has a 5-minute budget)
+        dtypes = "bf16,fp32"
+        full = [s for s in full if s[1] >= 1_000_000]
+    info = seqrec_fast.info()
+    print(f"seqrec_fast {info['seqrec_fast']}, torch {info['torch']}, triton {info['triton']}, "
+          f"extension {'built' if info['extension'] else 'missing: ' + str(info['extension_error'])}",
+          file=sys.stderr)
+    cases = []
+    for name in dtypes.split(","):
+        dtype = DTYPES[name]
+        provs = providers
+        if args.gpu_suite and dtype == torch.float32:  # keep the suite short: no recompiles
+            provs = [p for p in providers if p != "compile"]
+        cases += full_cases(full, dtype, device, provs, modes)
+        cases += sampled_cases(sampled, dtype, device, provs, modes)
+    _harness.run_cases("softmax", cases, device, csv_path=args.csv,
+                       reps=3 if args.quick else args.reps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,681 @@
+"""Triton kernels of the catalog-scale softmax losses (full-catalog CE and sampled softmax).
+
+No kernel here ever materialises a (batch, columns) logits tensor. A "column" is an item row
+the softmax runs over: the whole catalog (``INDEXED=False``, column j is item j) or a list of
+gathered candidates (``INDEXED=True``, column c is item ``ids[c]``: shared sampled negatives
+and the in-batch targets of the sampled softmax).
+
+Forward, ``_softmax_fwd_kernel``, grid (row blocks, column splits): each program keeps a block
+of user rows on chip and streams its share of the columns in tiles: s = u·wᵀ (+ bias), logits
+z = s/T - logQ, online log-sum-exp in fp32 (base 2), and — when the user gradient is wanted —
+the softmax-weighted item sum acc = Σ_c p_c·w_c, accumulated flash-attention style
+(acc·α + p·W per tile). The user gradient is then a (B, d) epilogue, g/T·(acc - w_target),
+so the backward never recomputes logits for it. Programs of one row block write partial
+(max, sum, acc) per split; ``_combine`` (a few (splits, B[, d]) torch ops) merges them.
+
+Backward, ``_softmax_bwd_cols_kernel``, grid (column blocks, row splits): each program owns a
+tile of columns, loops over the batch rows recomputing the logits tile from the saved LSE,
+forms dL/ds = g/T·(p - (1-ε)·onehot - ε/N) and accumulates dW_tile = dsᵀ·U in fp32 registers.
+Catalog columns with one row split are written once (no atomics, deterministic, no fp32 (N, d)
+buffer for bf16 inputs). Small catalogs get row splits and candidates may repeat (duplicated
+negatives, in-batch targets) so those accumulate with fp32 atomics into an fp32 buffer.
+
+Per-row negatives (B, S) are a batched gather-dot rather than a GEMM:
+``_rowneg_fwd_kernel`` / ``_rowneg_bwd_kernel`` handle them with 3-D (rows, samples, d) tiles
+and scatter item gradients with fp32 atomics (never a (B, S, d) tensor).
+
+Numerics: operands stay in the input dtype for tl.dot (tensor cores) with fp32 accumulation;
+fp32 inputs use tf32 only when ``torch.get_float32_matmul_precision() != "highest"``.
+Under the interpreter (``TRITON_INTERPRET=1``) bf16/fp16 tiles are cast to fp32 before tl.dot
+(``CAST_F32``) because the interpreter's bf16 dot is wrong. fp16 backward products use fp32
+operands (tf32) for dL/ds so that small gradients do not underflow fp16.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _softmax_fwd_kernel(
+    U, W, IDS, BIAS, OFF, TGT,             # inputs
+    M_OUT, L_OUT, SZ_OUT, ACC_OUT,         # partial outputs, (P, B) / (P, B, D), fp32
+    B, C, D, tiles_per_split, split_base,
+    stride_ub, stride_wn,
+    scale2,                                # log2(e) / T
+    INDEXED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OFF: tl.constexpr,
+    EXCLUDE_HITS: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, SMOOTH: tl.constexpr,
+    COMPUTE_ACC: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    u = tl.load(U + rows[:, None] * stride_ub + offs_d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)
+    if CAST_F32:
+        u = u.to(tl.float32)
+    if EXCLUDE_HITS:
+        tgt = tl.load(TGT + rows, mask=rmask, other=-1)
+    m = tl.full([BLOCK_B], -1.0e30, tl.float32)  # finite "-inf": exp2 of differences stays 0/1
+    l = tl.zeros([BLOCK_B], tl.float32)
+    sz = tl.zeros([BLOCK_B], tl.float32)
+    acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
+    col0 = pid_s * tiles_per_split * BLOCK_N
+    for t in range(0, tiles_per_split):
+        cols = col0 + t * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < C
+        if INDEXED:
+            wid = tl.load(IDS + cols, mask=cmask, other=0)
+        else:
+            wid = cols
+        w = tl.load(W + wid[:, None] * stride_wn + offs_d[None, :],
+                    mask=cmask[:, None] & dmask[None, :], other=0.0)
+        if CAST_F32:
+            w = w.to(tl.float32)
+        s = tl.dot(u, tl.trans(w), input_precision=PREC)  # (BLOCK_B, BLOCK_N) fp32
+        if HAS_BIAS:
+            s += tl.load(BIAS + wid, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        z2 = s * scale2
+        if HAS_OFF:
+            z2 -= (tl.load(OFF + cols, mask=cmask, other=0.0).to(tl.float32) * 1.4426950408889634)[None, :]
+        valid = cmask[None, :] & rmask[:, None]
+        if EXCLUDE_HITS:
+            valid = valid & (wid[None, :] != tgt[:, None])
+        if EXCLUDE_DIAG:
+            valid = valid & (cols[None, :] != rows[:, None])
+        if SMOOTH:
+            sz += tl.sum(tl.where(valid, s, 0.0), axis=1)
+        z2 = tl.where(valid, z2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z2, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(z2 - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        if COMPUTE_ACC:
+            acc = acc * alpha[:, None] + tl.dot(p.to(w.dtype), w, input_precision=PREC)
+        m = m_new
+    out = (split_base + pid_s) * B + rows
+    tl.store(M_OUT + out, m, mask=rmask)
+    tl.store(L_OUT + out, l, mask=rmask)
+    if SMOOTH:
+        tl.store(SZ_OUT + out, sz, mask=rmask)
+    if COMPUTE_ACC:
+        tl.store(ACC_OUT + out[:, None] * D + offs_d[None, :], acc,
+                 mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _target_logit_kernel(
+    U, W, TGT, BIAS, TOFF, ZT,
+    B, D, stride_ub, stride_wn, scale, ignore_index,
+    HAS_BIAS: tl.constexpr, HAS_TOFF: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """zt[b] = (u_b·w_{t_b} + bias[t_b]) / T - toff[b], gathered directly (0 for ignored rows)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    t = tl.load(TGT + rows, mask=rmask, other=ignore_index)
+    ok = rmask & (t != ignore_index)
+    t = tl.where(ok, t, 0)
+    u = tl.load(U + rows[:, None] * stride_ub + offs_d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    w = tl.load(W + t[:, None] * stride_wn + offs_d[None, :],
+                mask=ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    z = tl.sum(u * w, axis=1)
+    if HAS_BIAS:
+        z += tl.load(BIAS + t, mask=ok, other=0.0).to(tl.float32)
+    z = z * scale
+    if HAS_TOFF:
+        z -= tl.load(TOFF + rows, mask=rmask, other=0.0).to(tl.float32)
+    z = tl.where(ok, z, 0.0)
+    tl.store(ZT + rows, z, mask=rmask)
+
+
+@triton.jit
+def _softmax_bwd_cols_kernel(
+    U, W, IDS, BIAS, OFF, TGT, LSE, G,     # inputs (LSE natural log, G = dloss_b, fp32)
+    DW, DBIAS,                             # outputs: (N, D) / (N,), fp32 buffers when ATOMIC
+    B, C, D, rows_per_split,
+    stride_ub, stride_wn, stride_dw,
+    scale, scale2, keep_target, smooth_coef,
+    INDEXED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OFF: tl.constexpr,
+    EXCLUDE_HITS: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, ONEHOT: tl.constexpr,
+    SMOOTH: tl.constexpr, NEED_DBIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    CAST_F32: tl.constexpr, DZ_F32: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < C
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    if INDEXED:
+        wid = tl.load(IDS + cols, mask=cmask, other=0)
+    else:
+        wid = cols
+    w = tl.load(W + wid[:, None] * stride_wn + offs_d[None, :],
+                mask=cmask[:, None] & dmask[None, :], other=0.0)
+    if CAST_F32:
+        w = w.to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + wid, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_OFF:
+        off2 = tl.load(OFF + cols, mask=cmask, other=0.0).to(tl.float32) * 1.4426950408889634
+    dw = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    db = tl.zeros([BLOCK_N], tl.float32)
+    r_start = pid_r * rows_per_split
+    for r0 in range(0, rows_per_split, BLOCK_B):
+        rows = r_start + r0 + tl.arange(0, BLOCK_B)
+        rmask = rows < B
+        u = tl.load(U + rows[:, None] * stride_ub + offs_d[None, :],
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)
+        if CAST_F32:
+            u = u.to(tl.float32)
+        g = tl.load(G + rows, mask=rmask, other=0.0) * scale        # dL/ds factor per row
+        lse2 = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
+        s = tl.dot(u, tl.trans(w), input_precision=PREC)
+        if HAS_BIAS:
+            s += bias[None, :]
+        z2 = s * scale2
+        if HAS_OFF:
+            z2 -= off2[None, :]
+        valid = cmask[None, :] & rmask[:, None]
+        if EXCLUDE_HITS or ONEHOT:
+            tgt = tl.load(TGT + rows, mask=rmask, other=-1)
+        if EXCLUDE_HITS:
+            valid = valid & (wid[None, :] != tgt[:, None])
+        if EXCLUDE_DIAG:
+            valid = valid & (cols[None, :] != rows[:, None])
+        dz = tl.where(valid, tl.exp2(z2 - lse2[:, None]), 0.0)
+        if ONEHOT:
+            dz -= tl.where(cols[None, :] == tgt[:, None], keep_target, 0.0)
+        if SMOOTH:
+            dz -= tl.where(valid, smooth_coef, 0.0)
+        dz = dz * g[:, None]
+        if NEED_DBIAS:
+            db += tl.sum(dz, axis=0)
+        if DZ_F32:
+            dw += tl.dot(tl.trans(dz), u.to(tl.float32), input_precision=PREC)
+        else:
+            dw += tl.dot(tl.trans(dz.to(u.dtype)), u, input_precision=PREC)
+    wmask = cmask[:, None] & dmask[None, :]
+    dptr = DW + wid[:, None] * stride_dw + offs_d[None, :]
+    if ATOMIC:
+        tl.atomic_add(dptr, dw, mask=wmask)
+        if NEED_DBIAS:
+            tl.atomic_add(DBIAS + wid, db, mask=cmask)
+    else:
+        tl.store(dptr, dw.to(DW.dtype.element_ty), mask=wmask)
+        if NEED_DBIAS:
+            tl.store(DBIAS + wid, db.to(DBIAS.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _rowneg_fwd_kernel(
+    U, W, NEG, LOGQ, TGT,
+    M_OUT, L_OUT, ACC_OUT,
+    B, S, D, split,
+    stride_ub, stride_wn, stride_neg, stride_lq,
+    scale2,
+    HAS_LOGQ: tl.constexpr, EXCLUDE_HITS: tl.constexpr, COMPUTE_ACC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Per-row negatives (B, S): online LSE over u_b·w_{neg[b, s]}/T - log_q[b, s]."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    u = tl.load(U + rows[:, None] * stride_ub + offs_d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    if EXCLUDE_HITS:
+        tgt = tl.load(TGT + rows, mask=rmask, other=-1)
+    m = tl.full([BLOCK_B], -1.0e30, tl.float32)  # finite "-inf": exp2 of differences stays 0/1
+    l = tl.zeros([BLOCK_B], tl.float32)
+    acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        valid = rmask[:, None] & (ss < S)[None, :]
+        ids = tl.load(NEG + rows[:, None] * stride_neg + ss[None, :], mask=valid, other=0)
+        w = tl.load(W + ids[:, :, None] * stride_wn + offs_d[None, None, :],
+                    mask=valid[:, :, None] & dmask[None, None, :], other=0.0).to(tl.float32)
+        z2 = tl.sum(u[:, None, :] * w, axis=2) * scale2
+        if HAS_LOGQ:
+            z2 -= tl.load(LOGQ + rows[:, None] * stride_lq + ss[None, :], mask=valid,
+                          other=0.0).to(tl.float32) * 1.4426950408889634
+        if EXCLUDE_HITS:
+            valid = valid & (ids != tgt[:, None])
+        z2 = tl.where(valid, z2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z2, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(z2 - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        if COMPUTE_ACC:
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * w, axis=1)
+        m = m_new
+    out = split * B + rows
+    tl.store(M_OUT + out, m, mask=rmask)
+    tl.store(L_OUT + out, l, mask=rmask)
+    if COMPUTE_ACC:
+        tl.store(ACC_OUT + out[:, None] * D + offs_d[None, :], acc,
+                 mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _rowneg_bwd_kernel(
+    U, W, NEG, LOGQ, TGT, LSE, G, DW,
+    B, S, D,
+    stride_ub, stride_wn, stride_neg, stride_lq, stride_dw,
+    scale, scale2,
+    HAS_LOGQ: tl.constexpr, EXCLUDE_HITS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Item gradients of per-row negatives, scattered with fp32 atomics into DW (N, D) fp32."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    u = tl.load(U + rows[:, None] * stride_ub + offs_d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    g = tl.load(G + rows, mask=rmask, other=0.0) * scale
+    lse2 = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
+    if EXCLUDE_HITS:
+        tgt = tl.load(TGT + rows, mask=rmask, other=-1)
+    for s0 in range(0, S, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        valid = rmask[:, None] & (ss < S)[None, :]
+        ids = tl.load(NEG + rows[:, None] * stride_neg + ss[None, :], mask=valid, other=0)
+        wmask = valid[:, :, None] & dmask[None, None, :]
+        w = tl.load(W + ids[:, :, None] * stride_wn + offs_d[None, None, :],
+                    mask=wmask, other=0.0).to(tl.float32)
+        z2 = tl.sum(u[:, None, :] * w, axis=2) * scale2
+        if HAS_LOGQ:
+            z2 -= tl.load(LOGQ + rows[:, None] * stride_lq + ss[None, :], mask=valid,
+                          other=0.0).to(tl.float32) * 1.4426950408889634
+        keep = valid
+        if EXCLUDE_HITS:
+            keep = keep & (ids != tgt[:, None])
+        dz = tl.where(keep, tl.exp2(z2 - lse2[:, None]), 0.0) * g[:, None]
+        tl.atomic_add(DW + ids[:, :, None] * stride_dw + offs_d[None, None, :],
+                      dz[:, :, None] * u[:, None, :], mask=wmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch configuration
+# ----------------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _prec(dtype: torch.dtype) -> str:
+    """tl.dot input precision for fp32 operands: tf32 only when torch allows it."""
+    if dtype == torch.float32:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32"  # bf16/fp16 operand dots ignore it; fp16 backward dL/ds dots run in tf32
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _pow2_clamp(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
+
+
+# GPU tile sizes (untuned heuristics; shared memory stays under ~100 KB so that sm_80 fits
+# too): bytes of one item row = BLOCK_D · element size decides the column tile and pipelining.
+def _fwd_config(B: int, d: int, device, elem: int = 2):
+    bd = _block_d(d)
+    if _interpreting() or device.type != "cuda":
+        return dict(BLOCK_B=_pow2_clamp(B, 16, 64), BLOCK_N=32, BLOCK_D=bd), {}
+    row = bd * elem
+    block_b = _pow2_clamp(B, 16, 128 if row <= 256 else 64)
+    block_n = 128 if row <= 128 else (64 if row <= 512 else 32)
+    warps = 8 if block_b * block_n >= 128 * 64 else 4
+    stages = 3 if row <= 256 else 2
+    return dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=bd), dict(num_warps=warps,
+                                                                     num_stages=stages)
+
+
+def _bwd_config(d: int, device, elem: int = 2):
+    bd = _block_d(d)
+    if _interpreting() or device.type != "cuda":
+        return dict(BLOCK_B=32, BLOCK_N=32, BLOCK_D=bd), {}
+    row = bd * elem
+    block_n = 128 if row <= 128 else (64 if row <= 512 else 32)
+    block_b = 64 if row <= 512 else 32
+    return dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=bd), dict(
+        num_warps=8 if block_n == 128 else 4, num_stages=3 if row <= 256 else 2)
+
+
+def _rowneg_config(d: int, S: int, device):
+    bd = _block_d(d)
+    if _interpreting() or device.type != "cuda":
+        return dict(BLOCK_B=4, BLOCK_S=_pow2_clamp(S, 8, 16), BLOCK_D=bd), {}
+    block_s = _pow2_clamp(min(S, 4096 // bd), 8, 64)
+    return dict(BLOCK_B=4, BLOCK_S=block_s, BLOCK_D=bd), dict(num_warps=4)
+
+
+def _flags(x: torch.Tensor):
+    cast = _interpreting() and x.dtype in (torch.float16, torch.bfloat16)
+    return cast, _prec(x.dtype)
+
+
+def _contig_rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# forward launchers
+# ----------------------------------------------------------------------------------------------
+def _cols_fwd(user, items, ids, bias, off, tgt, *, C, temperature, exclude_hits, exclude_diag,
+              smooth, compute_acc, splits: Optional[int], parts: list):
+    """Launch the column kernel; appends (m2, l, sz, acc) partials (P, B[, d]) to ``parts``."""
+    B, d = user.shape
+    cfg, opts = _fwd_config(B, d, user.device, user.element_size())
+    n_tiles = triton.cdiv(C, cfg["BLOCK_N"])
+    b_blocks = triton.cdiv(B, cfg["BLOCK_B"])
+    if splits is None:
+        splits = max(1, min(n_tiles, (4 * _num_sms(user.device)) // b_blocks))
+    splits = max(1, min(splits, n_tiles))
+    tiles_per = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, tiles_per)
+    f32 = dict(device=user.device, dtype=torch.float32)
+    m = torch.empty(splits, B, **f32)
+    l = torch.empty(splits, B, **f32)
+    sz = torch.empty(splits, B, **f32) if smooth else m
+    acc = torch.empty(splits, B, d, **f32) if compute_acc else m
+    cast, prec = _flags(user)
+    dummy = m
+    _softmax_fwd_kernel[(b_blocks, splits)](
+        user, items, ids if ids is not None else dummy, bias if bias is not None else dummy,
+        off if off is not None else dummy, tgt if tgt is not None else dummy,
+        m, l, sz, acc,
+        B, C, d, tiles_per, 0,
+        user.stride(0), items.stride(0),
+        LOG2E / temperature,
+        INDEXED=ids is not None, HAS_BIAS=bias is not None, HAS_OFF=off is not None,
+        EXCLUDE_HITS=exclude_hits, EXCLUDE_DIAG=exclude_diag, SMOOTH=smooth,
+        COMPUTE_ACC=compute_acc, CAST_F32=cast, PREC=prec, **cfg, **opts)
+    parts.append((m, l, sz if smooth else None, acc if compute_acc else None))
+
+
+def _target_logits(user, items, target, bias, toff, temperature, ignore_index):
+    B, d = user.shape
+    zt = torch.empty(B, device=user.device, dtype=torch.float32)
+    bd = _block_d(d)
+    bb = 16 if bd <= 128 else 8
+    dummy = zt
+    _target_logit_kernel[(triton.cdiv(B, bb),)](
+        user, items, target, bias if bias is not None else dummy,
+        toff if toff is not None else dummy, zt,
+        B, d, user.stride(0), items.stride(0), 1.0 / temperature, ignore_index,
+        HAS_BIAS=bias is not None, HAS_TOFF=toff is not None, BLOCK_B=bb, BLOCK_D=bd)
+    return zt
+
+
+def _combine(parts: Sequence, extra=None):
+    """Merge partial (m2 (P,B), l (P,B), acc (P,B,d) | None) into lse (B,) and
+    udir = Σ p·w (B, d) | None. ``extra``: (z (B,), w (B, d) | None) one more column per row."""
+    ms = [p[0] for p in parts]
+    ls = [p[1] for p in parts]
+    accs = [p[3] for p in parts]
+    if extra is not None:
+        z, w = extra
+        ms.append((z * LOG2E)[None])
+        ls.append(torch.ones_like(z)[None])
+        accs.append(None if w is None else w.float()[None])
+    m = torch.cat(ms, 0)
+    l = torch.cat(ls, 0)
+    mx = m.max(0).values
+    sc = torch.exp2(m - mx)
+    total = (l * sc).sum(0)
+    lse = (mx + torch.log2(total)) * LN2
+    udir = None
+    if accs[0] is not None:
+        acc = torch.cat(accs, 0)
+        udir = (acc * sc[..., None]).sum(0) / total[:, None]
+    return lse, udir
+
+
+def _lce_fwd(user, items, target, bias, temperature: float, ignore_index: int,
+             label_smoothing: float, need_user_grad: bool, splits: Optional[int] = None):
+    """Full-catalog CE forward. -> loss_rows (B,) fp32 (0 at ignored rows), lse (B,) fp32,
+    udir (B, d) fp32 = Σ_j softmax_j·items_j (or (0, d) when ``need_user_grad`` is False)."""
+    user, items = _contig_rows(user), _contig_rows(items)
+    target = target.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    B, d = user.shape
+    N = items.shape[0]
+    smooth = label_smoothing > 0
+    parts = []
+    _cols_fwd(user, items, None, bias, None, None, C=N, temperature=temperature,
+              exclude_hits=False, exclude_diag=False, smooth=smooth,
+              compute_acc=need_user_grad, splits=splits, parts=parts)
+    lse, udir = _combine(parts)
+    zt = _target_logits(user, items, target, bias, None, temperature, ignore_index)
+    valid = target != ignore_index
+    loss = lse - (1.0 - label_smoothing) * zt
+    if smooth:
+        sz = parts[0][2].sum(0)
+        loss = loss - (label_smoothing / N / temperature) * sz
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if udir is None:
+        udir = user.new_empty((0, d), dtype=torch.float32)
+    return loss, lse, udir
+
+
+def _lce_bwd(grad_rows, user, items, target, bias, lse, udir, temperature: float,
+             ignore_index: int, label_smoothing: float, need_user: bool, need_items: bool,
+             need_bias: bool, b_splits: Optional[int] = None):
+    """-> (d_user (B, d) | empty, d_items (N, d) | empty, d_bias (N,) | empty)."""
+    user, items = _contig_rows(user), _contig_rows(items)
+    target, lse = target.contiguous(), lse.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    B, d = user.shape
+    N = items.shape[0]
+    valid = target != ignore_index
+    g = torch.where(valid, grad_rows.float(), torch.zeros_like(lse))
+    scale = 1.0 / temperature
+    d_user = user.new_empty((0, d))
+    if need_user:
+        safe_t = torch.where(valid, target, torch.zeros_like(target))
+        du = udir - (1.0 - label_smoothing) * items[safe_t].float()
+        if label_smoothing > 0:
+            du = du - (label_smoothing / N) * items.sum(0, dtype=torch.float32)[None, :]
+        d_user = (du * (g * scale)[:, None]).to(user.dtype)
+    d_items = items.new_empty((0, d))
+    d_bias = items.new_empty((0,))
+    if need_items or need_bias:
+        d_items, d_bias = _cols_bwd(user, items, None, bias, None, target, lse, g, C=N, N=N,
+                                    temperature=temperature, exclude_hits=False,
+                                    exclude_diag=False, onehot=True,
+                                    keep_target=1.0 - label_smoothing,
+                                    smooth_coef=label_smoothing / N,
+                                    need_bias=need_bias, b_splits=b_splits, force_atomic=False)
+        if not need_items:
+            d_items = items.new_empty((0, d))
+    return d_user, d_items, d_bias
+
+
+def _cols_bwd(user, items, ids, bias, off, tgt, lse, g, *, C, N, temperature, exclude_hits,
+              exclude_diag, onehot, keep_target, smooth_coef, need_bias, b_splits,
+              force_atomic, out=None):
+    """Item (and bias) gradients of the column softmax. ``out``: fp32 (N, d) buffer to
+    accumulate into atomically (then returned as is)."""
+    B, d = user.shape
+    cfg, opts = _bwd_config(d, user.device, user.element_size())
+    n_blocks = triton.cdiv(C, cfg["BLOCK_N"])
+    r_blocks = triton.cdiv(B, cfg["BLOCK_B"])
+    if b_splits is None:
+        want = 2 * _num_sms(user.device)
+        b_splits = 1 if n_blocks >= want else min(r_blocks, triton.cdiv(want, n_blocks))
+    b_splits = max(1, min(b_splits, r_blocks))
+    rows_per = triton.cdiv(r_blocks, b_splits) * cfg["BLOCK_B"]
+    b_splits = triton.cdiv(B, rows_per) if B > 0 else 1
+    atomic = force_atomic or b_splits > 1 or out is not None
+    if atomic:
+        dw = out if out is not None else torch.zeros(N, d, device=user.device, dtype=torch.float32)
+        db = torch.zeros(N, device=user.device, dtype=torch.float32) if need_bias else dw
+    else:
+        dw = torch.empty(N, d, device=user.device, dtype=items.dtype)
+        db = torch.empty(N, device=user.device, dtype=bias.dtype) if need_bias else dw
+    cast, prec = _flags(user)
+    dz_f32 = cast or user.dtype in (torch.float16, torch.float32)
+    dummy = lse
+    _softmax_bwd_cols_kernel[(n_blocks, b_splits)](
+        user, items, ids if ids is not None else dummy, bias if bias is not None else dummy,
+        off if off is not None else dummy, tgt if tgt is not None else dummy, lse, g,
+        dw, db,
+        B, C, d, rows_per,
+        user.stride(0), items.stride(0), dw.stride(0),
+        1.0 / temperature, LOG2E / temperature, keep_target, smooth_coef,
+        INDEXED=ids is not None, HAS_BIAS=bias is not None, HAS_OFF=off is not None,
+        EXCLUDE_HITS=exclude_hits, EXCLUDE_DIAG=exclude_diag, ONEHOT=onehot,
+        SMOOTH=smooth_coef > 0, NEED_DBIAS=need_bias, ATOMIC=atomic, CAST_F32=cast,
+        DZ_F32=dz_f32, PREC=prec, **cfg, **opts)
+    if out is not None:
+        return dw, None
+    d_items = dw.to(items.dtype) if atomic else dw
+    d_bias = (db.to(bias.dtype) if atomic else db) if need_bias else items.new_empty((0,))
+    return d_items, d_bias
+
+
+# ----------------------------------------------------------------------------------------------
+# sampled softmax
+# ----------------------------------------------------------------------------------------------
+def _sampled_columns(target, negatives, log_q, target_log_q, in_batch: bool):
+    """Shared columns (ids (C,), logQ offsets (C,) | None, exclude_diag) of the sampled softmax:
+    the in-batch targets first (column j = row j's target), then shared negatives."""
+    ids, offs = [], []
+    has_off = target_log_q is not None or (log_q is not None and negatives.dim() == 1)
+    if in_batch:
+        ids.append(target)
+        if has_off:
+            offs.append(target_log_q.float() if target_log_q is not None
+                        else torch.zeros(target.shape[0], device=target.device))
+    if negatives.dim() == 1:
+        ids.append(negatives)
+        if has_off:
+            offs.append(log_q.float() if log_q is not None
+                        else torch.zeros(negatives.shape[0], device=target.device))
+    if not ids:
+        return None, None
+    col_ids = torch.cat(ids).contiguous() if len(ids) > 1 else ids[0].contiguous()
+    col_off = (torch.cat(offs).contiguous() if len(offs) > 1 else offs[0].contiguous()) \
+        if has_off else None
+    return col_ids, col_off
+
+
+def _sampled_fwd(user, items, target, negatives, log_q, target_log_q, in_batch: bool,
+                 remove_hits: bool, temperature: float, need_user_grad: bool,
+                 splits: Optional[int] = None):
+    """-> loss_rows (B,) fp32, lse (B,) fp32, udir (B, d) fp32 | (0, d)."""
+    user, items = _contig_rows(user), _contig_rows(items)
+    target = target.contiguous()
+    B, d = user.shape
+    col_ids, col_off = _sampled_columns(target, negatives, log_q, target_log_q, in_batch)
+    parts = []
+    if col_ids is not None:
+        _cols_fwd(user, items, col_ids, None, col_off, target, C=col_ids.shape[0],
+                  temperature=temperature, exclude_hits=remove_hits, exclude_diag=in_batch,
+                  smooth=False, compute_acc=need_user_grad, splits=splits, parts=parts)
+    if negatives.dim() == 2 and negatives.shape[1] > 0:
+        _rowneg_fwd(user, items, negatives, log_q, target, temperature, remove_hits,
+                    need_user_grad, parts)
+    toff = target_log_q.float().contiguous() if target_log_q is not None else None
+    zpos = _target_logits(user, items, target, None, toff, temperature, -(2 ** 62))
+    wpos = items[target] if need_user_grad else None
+    lse, udir = _combine(parts, extra=(zpos, wpos))
+    loss = lse - zpos
+    if udir is None:
+        udir = user.new_empty((0, d), dtype=torch.float32)
+    return loss, lse, udir
+
+
+def _rowneg_fwd(user, items, negatives, log_q, target, temperature, remove_hits, compute_acc,
+                parts):
+    B, d = user.shape
+    S = negatives.shape[1]
+    cfg, opts = _rowneg_config(d, S, user.device)
+    f32 = dict(device=user.device, dtype=torch.float32)
+    m = torch.empty(1, B, **f32)
+    l = torch.empty(1, B, **f32)
+    acc = torch.empty(1, B, d, **f32) if compute_acc else m
+    negatives = _contig_rows(negatives)
+    lq = _contig_rows(log_q) if log_q is not None else None
+    _rowneg_fwd_kernel[(triton.cdiv(B, cfg["BLOCK_B"]),)](
+        user, items, negatives, lq if lq is not None else m, target, m, l, acc,
+        B, S, d, 0, user.stride(0), items.stride(0), negatives.stride(0),
+        lq.stride(0) if lq is not None else 0, LOG2E / temperature,
+        HAS_LOGQ=lq is not None, EXCLUDE_HITS=remove_hits, COMPUTE_ACC=compute_acc,
+        **cfg, **opts)
+    parts.append((m, l, None, acc if compute_acc else None))
+
+
+def _sampled_bwd(grad_rows, user, items, target, negatives, log_q, target_log_q, lse, udir,
+                 in_batch: bool, remove_hits: bool, temperature: float, need_user: bool,
+                 need_items: bool):
+    """-> (d_user (B, d) | empty, d_items (N, d) | empty)."""
+    user, items = _contig_rows(user), _contig_rows(items)
+    target, lse = target.contiguous(), lse.contiguous()
+    B, d = user.shape
+    N = items.shape[0]
+    g = grad_rows.float().contiguous()
+    scale = 1.0 / temperature
+    d_user = user.new_empty((0, d))
+    wpos = items[target].float()
+    if need_user:
+        d_user = ((udir - wpos) * (g * scale)[:, None]).to(user.dtype)
+    d_items = items.new_empty((0, d))
+    if need_items:
+        dw = torch.zeros(N, d, device=user.device, dtype=torch.float32)
+        col_ids, col_off = _sampled_columns(target, negatives, log_q, target_log_q, in_batch)
+        if col_ids is not None:
+            _cols_bwd(user, items, col_ids, None, col_off, target, lse, g, C=col_ids.shape[0],
+                      N=N, temperature=temperature, exclude_hits=remove_hits,
+                      exclude_diag=in_batch, onehot=False, keep_target=0.0, smooth_coef=0.0,
+                      need_bias=False, b_splits=None, force_atomic=True, out=dw)
+        if negatives.dim() == 2 and negatives.shape[1] > 0:
+            S = negatives.shape[1]
+            cfg, opts = _rowneg_config(d, S, user.device)
+            negs = _contig_rows(negatives)
+            lq = _contig_rows(log_q) if log_q is not None else None
+            _rowneg_bwd_kernel[(triton.cdiv(B, cfg["BLOCK_B"]),)](
+                user, items, negs, lq if lq is not None else lse, target, lse, g, dw,
+                B, S, d, user.stride(0), items.stride(0), negs.stride(0),
+                lq.stride(0) if lq is not None else 0, dw.stride(0),
+                scale, LOG2E / temperature,
+                HAS_LOGQ=lq is not None, EXCLUDE_HITS=remove_hits, **cfg, **opts)
+        # the positive: dL/dw_t = -g/T·(1 - p_pos)·u, p_pos = exp(z_pos - lse)
+        toff = target_log_q.float() if target_log_q is not None else 0.0
+        zpos = (user.float() * wpos).sum(1) * scale - toff
+        coef = (torch.exp(zpos - lse) - 1.0) * g * scale
+        dw.index_add_(0, target, coef[:, None] * user.float())
+        d_items = dw if items.dtype == torch.float32 else dw.to(items.dtype)
+    return d_user, d_items

@@ -1,0 +1,143 @@
+"""Eager oracles of the catalog-scale softmax losses.
+
+These build the logits on purpose: they are the readable definition the fused kernels are
+tested against (in float64), and the ``eager`` backend (in the input dtype).
+
+Conventions shared with ``seqrec_fast.ops.softmax``:
+
+* Full catalog: ``logits = (user @ items.T + bias) / temperature``; the loss of row b is
+  ``lse_b - (1-ε)·z[b, t_b] - ε/N·Σ_j z[b, j]`` (``torch.nn.functional.cross_entropy`` with
+  ``label_smoothing=ε``). Rows whose target is ``ignore_index`` have loss 0 and no gradient;
+  ``mean`` divides by the number of the other rows (NaN when there are none, as torch).
+* Sampled: the candidates of row b are its positive ``t_b``, the negatives (shared ``(S,)`` or
+  its own ``(B, S)`` row) and, with ``in_batch_negatives``, the other rows' targets ``t_j``.
+  A candidate's logit is ``user_b·item/temperature - logQ(item)`` (the logQ correction is applied
+  to the final logit, Yi et al. 2019 / TF ``subtract_log_q``): negatives use ``log_q`` (same
+  shape as ``negatives``), the positive and the in-batch columns use ``target_log_q[j]`` (the
+  log-probability that item ``t_j`` shows up as somebody's target); absent means 0.
+  With ``remove_accidental_hits`` every candidate other than the positive whose id equals
+  ``t_b`` (a sampled negative, each of its duplicates, or another row with the same target) is
+  REMOVED from row b's partition sum, i.e. its logit is -inf (not replaced by a zero score,
+  which would still add exp(0)). Loss_b = logsumexp(candidates) - positive logit.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def linear_cross_entropy_ref(user: torch.Tensor, items: torch.Tensor, target: torch.Tensor, *,
+                             bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                             ignore_index: int = -100, reduction: str = "mean",
+                             label_smoothing: float = 0.0, return_lse: bool = False):
+    """Full-catalog softmax cross-entropy through the (B, N) logits.
+
+    user: (B, d); items: (N, d); target: (B,) int64 in [0, N) or ``ignore_index``;
+    bias: (N,) or None. Returns loss (scalar, or (B,) for ``reduction="none"``) in the input
+    dtype; with ``return_lse`` also lse (B,) (float32, float64 for float64 inputs).
+    """
+    logits = user @ items.transpose(0, 1)
+    if bias is not None:
+        logits = logits + bias
+    if temperature != 1.0:
+        logits = logits / temperature
+    loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    if not return_lse:
+        return loss
+    acc = torch.float64 if user.dtype == torch.float64 else torch.float32
+    lse = torch.logsumexp(logits.to(acc), dim=-1).detach()
+    return loss, lse
+
+
+def sampled_candidates_ref(user: torch.Tensor, items: torch.Tensor, target: torch.Tensor,
+                           negatives: torch.Tensor, *, log_q: Optional[torch.Tensor] = None,
+                           target_log_q: Optional[torch.Tensor] = None,
+                           in_batch_negatives: bool = True, remove_accidental_hits: bool = True,
+                           temperature: float = 1.0):
+    """Corrected logits of every row's candidates: (B, 1 + S [+ B]), column 0 the positive,
+    removed candidates at -inf. Differentiable in user and items."""
+    B = user.shape[0]
+    pos_w = items[target]                                        # (B, d)
+    pos = (user * pos_w).sum(-1, keepdim=True) / temperature    # (B, 1)
+    if target_log_q is not None:
+        pos = pos - target_log_q.to(pos.dtype)[:, None]
+    if negatives.dim() == 1:
+        neg = (user @ items[negatives].transpose(0, 1)) / temperature      # (B, S)
+        neg_ids = negatives[None, :].expand(B, -1)
+        if log_q is not None:
+            neg = neg - log_q.to(neg.dtype)[None, :]
+    else:
+        neg = torch.einsum("bd,bsd->bs", user, items[negatives]) / temperature
+        neg_ids = negatives
+        if log_q is not None:
+            neg = neg - log_q.to(neg.dtype)
+    removed = neg_ids == target[:, None] if remove_accidental_hits else torch.zeros_like(neg_ids, dtype=torch.bool)
+    cols = [pos, neg]
+    masks = [torch.zeros(B, 1, dtype=torch.bool, device=user.device), removed]
+    if in_batch_negatives:
+        inb = (user @ pos_w.transpose(0, 1)) / temperature     # (B, B): row b, column j = t_j
+        if target_log_q is not None:
+            inb = inb - target_log_q.to(inb.dtype)[None, :]
+        diag = torch.eye(B, dtype=torch.bool, device=user.device)
+        inb_removed = diag.clone()  # the diagonal is the positive itself, already column 0
+        if remove_accidental_hits:
+            inb_removed |= target[None, :] == target[:, None]
+        cols.append(inb)
+        masks.append(inb_removed)
+    logits = torch.cat(cols, dim=1)
+    mask = torch.cat(masks, dim=1)
+    return logits.masked_fill(mask, float("-inf"))
+
+
+def sampled_softmax_ref(user: torch.Tensor, items: torch.Tensor, target: torch.Tensor,
+                        negatives: torch.Tensor, *, log_q: Optional[torch.Tensor] = None,
+                        target_log_q: Optional[torch.Tensor] = None,
+                        in_batch_negatives: bool = True, remove_accidental_hits: bool = True,
+                        temperature: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """Sampled softmax with logQ correction and accidental-hit removal (see module doc).
+
+    user: (B, d); items: (N, d); target: (B,) int64; negatives: (S,) shared or (B, S) per row,
+    int64; log_q: like ``negatives`` or None; target_log_q: (B,) or None.
+    Returns loss: scalar or (B,) for ``reduction="none"``, in the input dtype.
+    """
+    logits = sampled_candidates_ref(user, items, target, negatives, log_q=log_q,
+                                    target_log_q=target_log_q,
+                                    in_batch_negatives=in_batch_negatives,
+                                    remove_accidental_hits=remove_accidental_hits,
+                                    temperature=temperature)
+    loss = torch.logsumexp(logits, dim=1) - logits[:, 0]
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def bpr_max_ref(user: torch.Tensor, items: torch.Tensor, target: torch.Tensor,
+                negatives: torch.Tensor, *, reg: float = 1.0, in_batch_negatives: bool = True,
+                remove_accidental_hits: bool = True, temperature: float = 1.0,
+                reduction: str = "mean") -> torch.Tensor:
+    """GRU4Rec's BPR-max over the same candidates (no logQ):
+    loss_b = -log Σ_j s_j σ(r_b - r_j) + reg · Σ_j s_j r_j², s = softmax of the negative scores
+    r_j (removed candidates excluded from both sums)."""
+    logits = sampled_candidates_ref(user, items, target, negatives,
+                                    in_batch_negatives=in_batch_negatives,
+                                    remove_accidental_hits=remove_accidental_hits,
+                                    temperature=temperature)
+    pos, neg = logits[:, :1], logits[:, 1:]
+    keep = torch.isfinite(neg)
+    any_kept = keep.any(1)
+    # a row whose negatives were all removed gets loss 0 (softmax over nothing is undefined)
+    s = torch.softmax(torch.where(any_kept[:, None], neg, torch.zeros_like(neg)), dim=1)
+    s = torch.where(any_kept[:, None], s, torch.zeros_like(s))
+    negz = torch.where(keep, neg, torch.zeros_like(neg))
+    loss = -torch.log((s * torch.sigmoid(pos - negz)).sum(1) + 1e-24) + reg * (s * negz * negz).sum(1)
+    loss = torch.where(any_kept, loss, torch.zeros_like(loss))
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
