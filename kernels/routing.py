@@ -1,0 +1,658 @@
+"""Triton kernels of capsule (dynamic) routing: MIND (shared u_hat) and ComiRec-DR (per position).
+
+Chain: ``_routing_fwd_kernel`` / ``_routing_bwd_kernel`` -> launchers ``_routing_fwd`` /
+``_routing_bwd`` -> ``seqrec_fast.ops.routing`` -> ``seqrec_fast.reference.routing_iterations_ref``.
+
+Layouts of u_hat (element (b, k, l, j) at ``u[b*sUb + k*sUk + l*sUl + j]``):
+  shared (MIND):        u (B, L, d) contiguous, sUb = L*d, sUk = 0, sUl = d
+  per_position (DR):    u (L, B, K, d) contiguous, sUb = K*d, sUk = d, sUl = B*K*d
+
+Design: one program per batch row. The row's u_hat tile lives in registers for the whole
+kernel when it is small enough (``ONE_CHUNK``: BLOCK_L covers L), so u is read from global
+memory once per kernel; otherwise the sequence is processed in chunks of BLOCK_L and u is read
+once per routing iteration (the b-update of iteration i and the s of iteration i+1 share one
+pass; on the sequence axis through an online softmax with running max and rescaling).
+The small per-row state (routing logits b (K, L), per-iteration s/v (K, d), ...) goes through
+global scratch that the program itself writes and re-reads (L1/L2 resident), with
+``tl.debug_barrier()`` between phases because the reading thread need not be the writer.
+
+Accumulation is in fp32 (fp64 when u is fp64); bf16/fp16 loads are cast right away.
+The shared layout is contracted one interest at a time (``tl.static_range`` over BLOCK_K) so
+no (K, L, d) temporary is formed; the per-position layout uses a (BLOCK_K, BLOCK_L, BLOCK_D)
+tile. No ``tl.dot``: K is tiny (< 16 rows) and fp32 must stay exact (no tf32).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+_NEG = tl.constexpr(-1.0e30)  # finite "-inf" for masked logits (no inf - inf = NaN)
+_EPS = tl.constexpr(1e-9)  # squash epsilon, as the reference
+
+# register budget (elements of the u tile per program) for the resident / chunked paths
+_RESIDENT_MAX = 8192
+_CHUNK_MAX = 4096
+
+
+# ----------------------------------------------------------------------------- helpers
+# Index tensors kk, ll, dd place every per-row quantity in one index space:
+#   per position: u tile (BK, BL, BD); (K, L) things (BK, BL, 1); (K, d) things (BK, 1, BD);
+#                 per-interest scalars (BK, 1, 1); the sequence mask (1, BL, 1).
+#   shared:       u tile (BL, BD) (indexed by lu, du); (K, L) things (BK, BL); (K, d) things
+#                 (BK, BD); per-interest scalars (BK, 1); the sequence mask (1, BL).
+# so the routing code below is written once: k is axis 0, l is axis 1, reductions keep dims.
+# The shared tile is contracted one interest at a time (static_range over BLOCK_K): no (K, L, d)
+# temporary, and its layout is not dragged along by the small (K, L) tensors.
+@triton.jit
+def _indices(PER_POS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
+             BLOCK_D: tl.constexpr):
+    ok = tl.arange(0, BLOCK_K)
+    ol = tl.arange(0, BLOCK_L)
+    od = tl.arange(0, BLOCK_D)
+    if PER_POS:
+        kk = ok[:, None, None]
+        ll = ol[None, :, None]
+        dd = od[None, None, :]
+        lu = ll
+        du = dd
+    else:
+        kk = ok[:, None]
+        ll = ol[None, :]
+        dd = od[None, :]
+        lu = ol[:, None]
+        du = od[None, :]
+    return kk, ll, dd, lu, du
+
+
+@triton.jit
+def _zeros_kd(PER_POS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+              ACC: tl.constexpr):
+    if PER_POS:
+        z = tl.zeros((BLOCK_K, 1, BLOCK_D), dtype=ACC)
+    else:
+        z = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
+    return z
+
+
+@triton.jit
+def _zeros_k(PER_POS: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    if PER_POS:
+        z = tl.zeros((BLOCK_K, 1, 1), dtype=ACC)
+    else:
+        z = tl.zeros((BLOCK_K, 1), dtype=ACC)
+    return z
+
+
+@triton.jit
+def _zeros_u(PER_POS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
+             BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    if PER_POS:
+        z = tl.zeros((BLOCK_K, BLOCK_L, BLOCK_D), dtype=ACC)
+    else:
+        z = tl.zeros((BLOCK_L, BLOCK_D), dtype=ACC)
+    return z
+
+
+@triton.jit
+def _u_ptrs(row, l0, kk, lu, du, K, L, D, sUk, sUl, PER_POS: tl.constexpr):
+    """Pointers and mask of the u (or grad_u) tile at positions l0 .. l0 + BLOCK_L."""
+    l = (l0 + lu).to(tl.int64)
+    if PER_POS:
+        ptrs = row + kk.to(tl.int64) * sUk + l * sUl + du
+        msk = (kk < K) & (l < L) & (du < D)
+    else:
+        ptrs = row + l * sUl + du
+        msk = (l < L) & (du < D)
+    return ptrs, msk
+
+
+@triton.jit
+def _load_u(row, l0, kk, lu, du, K, L, D, sUk, sUl, PER_POS: tl.constexpr, ACC: tl.constexpr):
+    ptrs, msk = _u_ptrs(row, l0, kk, lu, du, K, L, D, sUk, sUl, PER_POS)
+    return tl.load(ptrs, mask=msk, other=0.0).to(ACC)  # bf16/fp16 -> fp32 at once
+
+
+@triton.jit
+def _dot_d(ut, w, kk, PER_POS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
+           ACC: tl.constexpr):
+    """out[k, l] = <u[k, l, :], w[k, :]> -> a (K, L) thing."""
+    if PER_POS:
+        out = tl.sum(ut * w, axis=2, keep_dims=True)
+    else:
+        out = tl.zeros((BLOCK_K, BLOCK_L), dtype=ACC)
+        for k in tl.static_range(BLOCK_K):
+            wk = tl.sum(tl.where(kk == k, w, 0.0), axis=0)  # (BD,)
+            r = tl.sum(ut * wk[None, :], axis=1)  # (BL,)
+            out = tl.where(kk == k, r[None, :], out)
+    return out
+
+
+@triton.jit
+def _dot_l(w, ut, kk, PER_POS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+           ACC: tl.constexpr):
+    """out[k, :] = sum_l w[k, l] u[k, l, :] -> a (K, d) thing."""
+    if PER_POS:
+        out = tl.sum(w * ut, axis=1, keep_dims=True)
+    else:
+        out = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
+        for k in tl.static_range(BLOCK_K):
+            wk = tl.sum(tl.where(kk == k, w, 0.0), axis=0)  # (BL,)
+            r = tl.sum(wk[:, None] * ut, axis=0)  # (BD,)
+            out = tl.where(kk == k, r[None, :], out)
+    return out
+
+
+@triton.jit
+def _outer_acc(acc, a, bm, kk, PER_POS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc[k, l, :] += a[k, l] * bm[k, :] (per position) or acc[l, :] += sum_k (shared)."""
+    if PER_POS:
+        acc += a * bm
+    else:
+        for k in tl.static_range(BLOCK_K):
+            ak = tl.sum(tl.where(kk == k, a, 0.0), axis=0)  # (BL,)
+            bk = tl.sum(tl.where(kk == k, bm, 0.0), axis=0)  # (BD,)
+            acc += ak[:, None] * bk[None, :]
+    return acc
+
+
+@triton.jit
+def _sum_d(x, PER_POS: tl.constexpr):
+    """Sum of a (K, d) thing over d, keeping dims -> per-interest scalars."""
+    if PER_POS:
+        r = tl.sum(x, axis=2, keep_dims=True)
+    else:
+        r = tl.sum(x, axis=1, keep_dims=True)
+    return r
+
+
+@triton.jit
+def _probs(bl, kvalid, mrow, m_run, inv_den, SEQ_AXIS: tl.constexpr):
+    """Routing probabilities of a logits chunk bl (a (K, L) thing).
+
+    interest axis: softmax over k (not masked by the sequence mask);
+    sequence axis: exp(b - max) / den at real positions, 0 at padded ones (m_run, inv_den:
+    per-interest scalars of the whole row).
+    """
+    if SEQ_AXIS:
+        live = kvalid & mrow
+        p = tl.where(live, tl.exp(tl.where(live, bl, _NEG) - m_run), 0.0) * inv_den
+    else:
+        x = tl.where(kvalid, bl, _NEG)
+        mx = tl.max(x, axis=0, keep_dims=True)
+        e = tl.where(kvalid, tl.exp(x - mx), 0.0)
+        p = e / tl.sum(e, axis=0, keep_dims=True)
+    return p
+
+
+@triton.jit
+def _inv_den(den):
+    safe = tl.where(den > 0, den, 1.0)
+    return tl.where(den > 0, 1.0 / safe, 0.0)
+
+
+@triton.jit
+def _squash(s, PER_POS: tl.constexpr):
+    n = _sum_d(s * s, PER_POS)
+    f = n / (1.0 + n) / tl.sqrt(n + _EPS)
+    return f * s
+
+
+@triton.jit
+def _squash_bwd(s, gv, PER_POS: tl.constexpr):
+    """g_s of v = squash(s) given g_v; finite at s = 0."""
+    n = _sum_d(s * s, PER_POS)
+    q = 1.0 / ((1.0 + n) * tl.sqrt(n + _EPS))
+    f = n * q
+    fp = q - n * q / (1.0 + n) - 0.5 * n * q / (n + _EPS)  # f'(n)
+    sg = _sum_d(s * gv, PER_POS)
+    return f * gv + (2.0 * fp * sg) * s
+
+
+@triton.jit
+def _opaque(x, L):
+    """x * 1 with a 1 the compiler cannot see through (L >= 1 here).
+
+    Applied to the register-resident u tile once per routing iteration so that it is a
+    loop-carried value: otherwise the layout pass hoists a conversion of the whole tile out of
+    the loop (a second, replicated copy of u in registers) instead of converting the small
+    per-interest vectors inside it.
+    """
+    return x * (L > 0).to(x.dtype)
+
+
+@triton.jit
+def _mask_row(mask_row, l0, ll, L):
+    l = l0 + ll
+    return tl.load(mask_row + l, mask=l < L, other=0) != 0
+
+
+@triton.jit
+def _fwd_chunk(l0, ut, prev_slot, cur_slot, init_row, mask_row, v_prev, s_acc, m_run, den,
+               it, kk, ll, kvalid, L, HAS_INIT: tl.constexpr, SEQ_AXIS: tl.constexpr,
+               PER_POS: tl.constexpr, ONLINE: tl.constexpr, ACC: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One chunk of positions of routing iteration ``it``: logits update, then its share of s.
+
+    ONLINE (several chunks): running max / denominator with rescaling; else the chunk is the
+    whole row and (s_acc, m_run, den) are ignored on input.
+    """
+    l = l0 + ll
+    mrow = _mask_row(mask_row, l0, ll, L)
+    kl_off = kk * L + l
+    kl_msk = kvalid & (l < L)
+    # b_it = b_{it-1} + <u, v_{it-1}>  (v_prev = 0 and b from init at it == 0)
+    bl = tl.load(prev_slot + kl_off, mask=kl_msk & (it > 0), other=0.0)
+    if HAS_INIT:
+        bl += tl.load(init_row + kl_off, mask=kl_msk & (it == 0), other=0.0)
+    bl = bl + _dot_d(ut, v_prev, kk, PER_POS, BLOCK_K, BLOCK_L, ACC)
+    tl.store(cur_slot + kl_off, bl, mask=kl_msk)
+    if SEQ_AXIS:  # softmax over the real positions
+        live = kvalid & mrow
+        x = tl.where(live, bl, _NEG)
+        if ONLINE:
+            m_new = tl.maximum(m_run, tl.max(x, axis=1, keep_dims=True))
+            alpha = tl.exp(m_run - m_new)
+            e = tl.where(live, tl.exp(x - m_new), 0.0)
+            den = den * alpha + tl.sum(e, axis=1, keep_dims=True)
+            s_acc = s_acc * alpha + _dot_l(e, ut, kk, PER_POS, BLOCK_K, BLOCK_D, ACC)
+            m_run = m_new
+        else:
+            m_run = tl.max(x, axis=1, keep_dims=True)
+            e = tl.where(live, tl.exp(x - m_run), 0.0)
+            den = tl.sum(e, axis=1, keep_dims=True)
+            s_acc = _dot_l(e, ut, kk, PER_POS, BLOCK_K, BLOCK_D, ACC)
+    else:
+        c = _probs(bl, kvalid, mrow, m_run, den, False) * mrow.to(ACC)
+        if ONLINE:
+            s_acc = s_acc + _dot_l(c, ut, kk, PER_POS, BLOCK_K, BLOCK_D, ACC)
+        else:
+            s_acc = _dot_l(c, ut, kk, PER_POS, BLOCK_K, BLOCK_D, ACC)
+    return s_acc, m_run, den
+
+
+@triton.jit
+def _fwd_iterations(u_row, u_res, mask_row, init_row, blog_row, sall_row, mall_row, dall_row,
+                    kk, ll, dd, lu, du, K, L, D, sUk, sUl,
+                    KL, PINGPONG: tl.constexpr, ITERS: tl.constexpr, HAS_INIT: tl.constexpr,
+                    SEQ_AXIS: tl.constexpr, PER_POS: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                    SAVE_ALL: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The T routing iterations of one row.
+
+    Logits of iteration it are written to slot it (a (K, L) block of ``blog_row``), or with
+    PINGPONG to slot it % 2 (two slots, never read and written in the same pass).
+    SAVE_ALL also stores s_it ((T, K, D)) and, on the sequence axis, the running max /
+    denominator ((T, K)) for the backward.
+    Returns (s, v, m_run, den) of the last iteration.
+    """
+    kvalid = kk < K
+    kd_off = kk * D + dd
+    kd_msk = kvalid & (dd < D)
+    v_prev = _zeros_kd(PER_POS, BLOCK_K, BLOCK_D, ACC)
+    s = _zeros_kd(PER_POS, BLOCK_K, BLOCK_D, ACC)
+    m_run = _zeros_k(PER_POS, BLOCK_K, ACC) + _NEG
+    den = _zeros_k(PER_POS, BLOCK_K, ACC)
+    for it in range(ITERS):
+        s_acc = _zeros_kd(PER_POS, BLOCK_K, BLOCK_D, ACC)
+        m_run = _zeros_k(PER_POS, BLOCK_K, ACC) + _NEG
+        den = _zeros_k(PER_POS, BLOCK_K, ACC)
+        if PINGPONG:
+            prev_slot = blog_row + ((it + 1) % 2) * KL  # only read when it > 0
+            cur_slot = blog_row + (it % 2) * KL
+        else:
+            prev_slot = blog_row + (it - 1) * KL  # only read when it > 0
+            cur_slot = blog_row + it * KL
+        if ONE_CHUNK:  # no loop: nothing is carried from chunk to chunk
+            s_acc, m_run, den = _fwd_chunk(
+                0, u_res, prev_slot, cur_slot, init_row, mask_row, v_prev, s_acc, m_run, den,
+                it, kk, ll, kvalid, L, HAS_INIT, SEQ_AXIS, PER_POS, False, ACC, BLOCK_K,
+                BLOCK_L, BLOCK_D)
+            u_res = _opaque(u_res, L)
+        else:
+            for l0 in range(0, L, BLOCK_L):
+                ut = _load_u(u_row, l0, kk, lu, du, K, L, D, sUk, sUl, PER_POS, ACC)
+                s_acc, m_run, den = _fwd_chunk(
+                    l0, ut, prev_slot, cur_slot, init_row, mask_row, v_prev, s_acc, m_run, den,
+                    it, kk, ll, kvalid, L, HAS_INIT, SEQ_AXIS, PER_POS, True, ACC, BLOCK_K,
+                    BLOCK_L, BLOCK_D)
+        if SEQ_AXIS:
+            s = s_acc * _inv_den(den)
+        else:
+            s = s_acc
+        v_prev = _squash(s, PER_POS)
+        if SAVE_ALL:
+            tl.store(sall_row + it * K * D + kd_off, s, mask=kd_msk)
+            if SEQ_AXIS:
+                tl.store(mall_row + it * K + kk, m_run, mask=kvalid)
+                tl.store(dall_row + it * K + kk, den, mask=kvalid)
+        tl.debug_barrier()  # b of this iteration is re-read (maybe by other threads) next
+    return s, v_prev, m_run, den, u_res
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _routing_fwd_kernel(u_ptr, mask_ptr, init_ptr, v_ptr, c_ptr, s_ptr, blog_ptr,
+                        K, L, D, sUb, sUk, sUl,
+                        ITERS: tl.constexpr, HAS_INIT: tl.constexpr, SEQ_AXIS: tl.constexpr,
+                        PER_POS: tl.constexpr, ONE_CHUNK: tl.constexpr, ACC: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per batch row b.
+
+    u: see module docstring; mask_ptr: (B, L) uint8; init_ptr: (B, K, L) ACC (HAS_INIT);
+    v_ptr: (B, K, D) u's dtype; c_ptr: (B, K, L) ACC; s_ptr: (B, K, D) ACC;
+    blog_ptr: (B, 2, K, L) ACC scratch (routing logits, ping-pong).
+    """
+    b = tl.program_id(0).to(tl.int64)
+    kk, ll, dd, lu, du = _indices(PER_POS, BLOCK_K, BLOCK_L, BLOCK_D)
+    kvalid = kk < K
+    u_row = u_ptr + b * sUb
+    mask_row = mask_ptr + b * L
+    init_row = init_ptr + b * K * L
+    c_row = c_ptr + b * K * L
+    blog_row = blog_ptr + b * 2 * K * L
+    if ONE_CHUNK:
+        u_res = _load_u(u_row, 0, kk, lu, du, K, L, D, sUk, sUl, PER_POS, ACC)
+    else:
+        u_res = 0.0  # unused
+    s, v, m_run, den, u_res = _fwd_iterations(
+        u_row, u_res, mask_row, init_row, blog_row, c_row, c_row, c_row,
+        kk, ll, dd, lu, du, K, L, D, sUk, sUl, K * L, True,
+        ITERS, HAS_INIT, SEQ_AXIS, PER_POS, ONE_CHUNK, False, ACC, BLOCK_K, BLOCK_L, BLOCK_D)
+    kd_off = b * K * D + kk * D + dd
+    kd_msk = kvalid & (dd < D)
+    tl.store(v_ptr + kd_off, v.to(v_ptr.dtype.element_ty), mask=kd_msk)
+    tl.store(s_ptr + kd_off, s, mask=kd_msk)
+    # c of the last iteration, from its logits (slot (T-1) % 2)
+    inv_den = _inv_den(den)
+    last_slot = blog_row + ((ITERS - 1) % 2) * K * L
+    for l0 in range(0, L, BLOCK_L):
+        l = l0 + ll
+        mrow = _mask_row(mask_row, l0, ll, L)
+        kl_off = kk * L + l
+        kl_msk = kvalid & (l < L)
+        bl = tl.load(last_slot + kl_off, mask=kl_msk, other=0.0)
+        c = _probs(bl, kvalid, mrow, m_run, inv_den, SEQ_AXIS) * mrow.to(ACC)
+        tl.store(c_row + kl_off, c, mask=kl_msk)
+
+
+@triton.jit
+def _routing_bwd_kernel(gv_ptr, u_ptr, mask_ptr, init_ptr, c_ptr, s_ptr, gu_ptr,
+                        blog_ptr, sall_ptr, mall_ptr, dall_ptr, gs_ptr, gb_ptr,
+                        K, L, D, sUb, sUk, sUl,
+                        ITERS: tl.constexpr, HAS_INIT: tl.constexpr, SEQ_AXIS: tl.constexpr,
+                        PER_POS: tl.constexpr, DETACH: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                        ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+    """One program per batch row b; grad_u (u's layout) is written exactly once.
+
+    DETACH: grad_u = c_last * squash_bwd(s_last, grad_v) (u unused).
+    Else: recompute the forward saving b_i (B,T,K,L), s_i, v_i (B,T,K,D), max/den (B,T,K) in
+    scratch, run the reverse iterations (one pass over u per iteration but the first, g_c and
+    the next g_v sharing it) saving g_s_i (B,T,K,D) and g_b_{i+1} (B,T,K,L), then write
+    grad_u = sum_i c_i g_s_i + g_b_{i+1} v_i in one pass.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    kk, ll, dd, lu, du = _indices(PER_POS, BLOCK_K, BLOCK_L, BLOCK_D)
+    kvalid = kk < K
+    kd_off = kk * D + dd
+    kd_msk = kvalid & (dd < D)
+    u_row = u_ptr + b * sUb
+    gu_row = gu_ptr + b * sUb
+    mask_row = mask_ptr + b * L
+    gv = tl.load(gv_ptr + b * K * D + kd_off, mask=kd_msk, other=0.0).to(ACC)
+    if DETACH:
+        s = tl.load(s_ptr + b * K * D + kd_off, mask=kd_msk, other=0.0).to(ACC)
+        gs = _squash_bwd(s, gv, PER_POS)
+        c_row = c_ptr + b * K * L
+        for l0 in range(0, L, BLOCK_L):
+            l = l0 + ll
+            kl_msk = kvalid & (l < L)
+            c = tl.load(c_row + kk * L + l, mask=kl_msk, other=0.0).to(ACC)
+            acc = _outer_acc(_zeros_u(PER_POS, BLOCK_K, BLOCK_L, BLOCK_D, ACC), c, gs, kk,
+                             PER_POS, BLOCK_K)
+            ptrs, msk = _u_ptrs(gu_row, l0, kk, lu, du, K, L, D, sUk, sUl, PER_POS)
+            tl.store(ptrs, acc.to(gu_ptr.dtype.element_ty), mask=msk)
+    else:
+        KL = K * L
+        KD = K * D
+        blog_row = blog_ptr + b * ITERS * KL
+        sall_row = sall_ptr + b * ITERS * KD
+        mall_row = mall_ptr + b * ITERS * K
+        dall_row = dall_ptr + b * ITERS * K
+        gs_row = gs_ptr + b * ITERS * KD
+        gb_row = gb_ptr + b * ITERS * KL
+        init_row = init_ptr + b * KL
+        if ONE_CHUNK:
+            u_res = _load_u(u_row, 0, kk, lu, du, K, L, D, sUk, sUl, PER_POS, ACC)
+        else:
+            u_res = 0.0  # unused
+        # ---- forward recompute, saving every iteration
+        s_last, v_last, m_last, den_last, u_res = _fwd_iterations(
+            u_row, u_res, mask_row, init_row, blog_row, sall_row, mall_row, dall_row,
+            kk, ll, dd, lu, du, K, L, D, sUk, sUl, KL, False,
+            ITERS, HAS_INIT, SEQ_AXIS, PER_POS, ONE_CHUNK, True, ACC, BLOCK_K, BLOCK_L, BLOCK_D)
+        # ---- reverse iterations T-1 .. 1 (iteration 0 needs no pass over u: init is constant)
+        g_v = gv
+        for ii in range(ITERS - 1):
+            i = ITERS - 1 - ii
+            s_i = tl.load(sall_row + i * KD + kd_off, mask=kd_msk, other=0.0)
+            gs = _squash_bwd(s_i, g_v, PER_POS)
+            tl.store(gs_row + i * KD + kd_off, gs, mask=kd_msk)
+            if SEQ_AXIS:
+                m_i = tl.load(mall_row + i * K + kk, mask=kvalid, other=0.0)
+                inv_i = _inv_den(tl.load(dall_row + i * K + kk, mask=kvalid, other=0.0))
+            else:
+                m_i = _zeros_k(PER_POS, BLOCK_K, ACC)
+                inv_i = m_i
+            g_v_next = _zeros_kd(PER_POS, BLOCK_K, BLOCK_D, ACC)
+            ssum = _zeros_k(PER_POS, BLOCK_K, ACC)
+            for l0 in range(0, L, BLOCK_L):
+                l = l0 + ll
+                mrow = _mask_row(mask_row, l0, ll, L)
+                kl_off = kk * L + l
+                kl_msk = kvalid & (l < L)
+                if ONE_CHUNK:
+                    ut = u_res
+                else:
+                    ut = _load_u(u_row, l0, kk, lu, du, K, L, D, sUk, sUl, PER_POS, ACC)
+                bl = tl.load(blog_row + i * KL + kl_off, mask=kl_msk, other=0.0)
+                p = _probs(bl, kvalid, mrow, m_i, inv_i, SEQ_AXIS)
+                g_c = _dot_d(ut, gs, kk, PER_POS, BLOCK_K, BLOCK_L, ACC) * mrow.to(ACC)
+                # gradient w.r.t. b_{i+1} (slot T-1 is zeros: none for the last iteration)
+                g_b = tl.load(gb_row + i * KL + kl_off, mask=kl_msk, other=0.0)
+                pg = p * g_c
+                if SEQ_AXIS:
+                    # softmax over l: finished once the row sum is known (below)
+                    ssum += tl.sum(pg, axis=1, keep_dims=True)
+                    g_b = g_b + pg
+                else:
+                    g_b = g_b + pg - p * tl.sum(pg, axis=0, keep_dims=True)
+                tl.store(gb_row + (i - 1) * KL + kl_off, g_b, mask=kl_msk)
+                g_v_next += _dot_l(g_b, ut, kk, PER_POS, BLOCK_K, BLOCK_D, ACC)
+            if ONE_CHUNK:
+                u_res = _opaque(u_res, L)
+            if SEQ_AXIS:
+                # g_b_i = G - ssum * p_i, and sum_l p_i u = s_i
+                g_v_next -= ssum * s_i
+                tl.debug_barrier()
+                for l0 in range(0, L, BLOCK_L):
+                    l = l0 + ll
+                    mrow = _mask_row(mask_row, l0, ll, L)
+                    kl_off = kk * L + l
+                    kl_msk = kvalid & (l < L)
+                    bl = tl.load(blog_row + i * KL + kl_off, mask=kl_msk, other=0.0)
+                    p = _probs(bl, kvalid, mrow, m_i, inv_i, SEQ_AXIS)
+                    gbp = gb_row + (i - 1) * KL + kl_off
+                    g_b = tl.load(gbp, mask=kl_msk, other=0.0)
+                    tl.store(gbp, g_b - ssum * p, mask=kl_msk)
+            tl.debug_barrier()
+            g_v = g_v_next
+        s_0 = tl.load(sall_row + kd_off, mask=kd_msk, other=0.0)
+        tl.store(gs_row + kd_off, _squash_bwd(s_0, g_v, PER_POS), mask=kd_msk)
+        tl.debug_barrier()
+        # ---- grad_u = sum_i c_i[k,l] g_s_i[k,:] + g_b_{i+1}[k,l] v_i[k,:]
+        for l0 in range(0, L, BLOCK_L):
+            l = l0 + ll
+            mrow = _mask_row(mask_row, l0, ll, L)
+            mf = mrow.to(ACC)
+            kl_off = kk * L + l
+            kl_msk = kvalid & (l < L)
+            acc = _zeros_u(PER_POS, BLOCK_K, BLOCK_L, BLOCK_D, ACC)
+            for i in range(ITERS):
+                if SEQ_AXIS:
+                    m_i = tl.load(mall_row + i * K + kk, mask=kvalid, other=0.0)
+                    inv_i = _inv_den(tl.load(dall_row + i * K + kk, mask=kvalid, other=0.0))
+                else:
+                    m_i = _zeros_k(PER_POS, BLOCK_K, ACC)
+                    inv_i = m_i
+                bl = tl.load(blog_row + i * KL + kl_off, mask=kl_msk, other=0.0)
+                c = _probs(bl, kvalid, mrow, m_i, inv_i, SEQ_AXIS) * mf
+                gs_i = tl.load(gs_row + i * KD + kd_off, mask=kd_msk, other=0.0)
+                g_b = tl.load(gb_row + i * KL + kl_off, mask=kl_msk, other=0.0)  # 0 at i = T-1
+                v_i = _squash(tl.load(sall_row + i * KD + kd_off, mask=kd_msk, other=0.0), PER_POS)
+                acc = _outer_acc(acc, c, gs_i, kk, PER_POS, BLOCK_K)
+                acc = _outer_acc(acc, g_b, v_i, kk, PER_POS, BLOCK_K)
+            ptrs, msk = _u_ptrs(gu_row, l0, kk, lu, du, K, L, D, sUk, sUl, PER_POS)
+            tl.store(ptrs, acc.to(gu_ptr.dtype.element_ty), mask=msk)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _blocks(K: int, L: int, d: int, per_pos: bool, block_l: Optional[int]):
+    """(BLOCK_K, BLOCK_L, BLOCK_D, ONE_CHUNK, num_warps)."""
+    BK = triton.next_power_of_2(max(K, 1))
+    BD = triton.next_power_of_2(max(d, 1))
+    per_l = BK * BD if per_pos else BD
+    full = triton.next_power_of_2(max(L, 1))
+    if block_l is not None:  # testing hook: force a chunk size
+        BL = min(triton.next_power_of_2(block_l), full)
+    elif full * per_l <= _RESIDENT_MAX:
+        BL = full
+    else:
+        BL = max(1, min(full, _CHUNK_MAX // per_l))
+    one = BL >= L
+    elems = BL * per_l
+    num_warps = max(4, min(8, elems // 1024))
+    return BK, BL, BD, one, num_warps
+
+
+def _layout(u_shape, num_interests: int, per_pos: bool):
+    """(B, K, L, d, sUb, sUk, sUl) from u's shape."""
+    if per_pos:
+        L, B, K, d = u_shape
+        if K != num_interests:
+            raise ValueError(f"u: per-position u_hat (L, B, K, d) has K={K}, "
+                             f"num_interests={num_interests}")
+        return B, K, L, d, K * d, d, B * K * d
+    B, L, d = u_shape
+    return B, num_interests, L, d, L * d, 0, d
+
+
+def _routing_fwd(u: torch.Tensor, mask: torch.Tensor, init_logits: Optional[torch.Tensor],
+                 num_interests: int, iters: int, seq_axis: bool, *,
+                 block_l: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Capsule routing forward.
+
+    u: (B, L, d) shared or (L, B, K, d) per position; mask: (B, L) bool; init_logits: (B, K, L)
+    or None. Returns v (B, K, d) in u's dtype, c_last (B, K, L) and s_last (B, K, d) in fp32
+    (fp64 when u is fp64).
+    """
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    per_pos = u.dim() == 4
+    u = u.contiguous()
+    B, K, L, d, sUb, sUk, sUl = _layout(tuple(u.shape), num_interests, per_pos)
+    acc = _acc_dtype(u.dtype)
+    dev = u.device
+    v = torch.zeros(B, K, d, dtype=u.dtype, device=dev)
+    c_last = torch.zeros(B, K, L, dtype=acc, device=dev)
+    s_last = torch.zeros(B, K, d, dtype=acc, device=dev)
+    if B == 0 or L == 0 or d == 0 or K == 0:
+        return v, c_last, s_last
+    mask_u8 = mask.contiguous().view(torch.uint8)
+    has_init = init_logits is not None
+    init = init_logits.detach().to(acc).contiguous() if has_init else c_last
+    blog = torch.empty(B, 2, K, L, dtype=acc, device=dev)  # logits scratch (ping-pong)
+    BK, BL, BD, one, nw = _blocks(K, L, d, per_pos, block_l)
+    _routing_fwd_kernel[(B,)](
+        u, mask_u8, init, v, c_last, s_last, blog, K, L, d, sUb, sUk, sUl,
+        ITERS=int(iters), HAS_INIT=has_init, SEQ_AXIS=bool(seq_axis), PER_POS=per_pos,
+        ONE_CHUNK=one, ACC=_tl_acc(u.dtype), BLOCK_K=BK, BLOCK_L=BL, BLOCK_D=BD,
+        num_warps=nw)
+    return v, c_last, s_last
+
+
+def _routing_bwd(grad_v: torch.Tensor, u: Optional[torch.Tensor], mask: torch.Tensor,
+                 init_logits: Optional[torch.Tensor], c_last: torch.Tensor,
+                 s_last: torch.Tensor, num_interests: int, iters: int, seq_axis: bool,
+                 detach: bool, per_position: bool, *,
+                 block_l: Optional[int] = None) -> torch.Tensor:
+    """Capsule routing backward: grad_u in u's layout ((B, L, d) summed over k, or (L, B, K, d))
+    and grad_v's dtype. detach=True needs only c_last/s_last (u may be None); detach=False
+    recomputes the forward from u (scratch of O(B*T*K*(L+d)) floats)."""
+    grad_v = grad_v.contiguous()
+    B, K, d = grad_v.shape
+    L = mask.shape[1]
+    if K != num_interests:
+        raise ValueError(f"grad_v: K={K} != num_interests={num_interests}")
+    per_pos = bool(per_position)
+    if per_pos:
+        u_shape = (L, B, K, d)
+    else:
+        u_shape = (B, L, d)
+    _, _, _, _, sUb, sUk, sUl = _layout(u_shape, num_interests, per_pos)
+    dev = grad_v.device
+    grad_u = torch.zeros(u_shape, dtype=grad_v.dtype, device=dev)
+    if B == 0 or L == 0 or d == 0 or K == 0:
+        return grad_u
+    mask_u8 = mask.contiguous().view(torch.uint8)
+    BK, BL, BD, one, nw = _blocks(K, L, d, per_pos, block_l)
+    T = int(iters)
+    if detach:
+        acc = _acc_dtype(c_last.dtype)
+        c = c_last.contiguous()
+        s = s_last.contiguous()
+        dummy = c
+        _routing_bwd_kernel[(B,)](
+            grad_v, dummy, mask_u8, dummy, c, s, grad_u,
+            dummy, dummy, dummy, dummy, dummy, dummy,
+            K, L, d, sUb, sUk, sUl,
+            ITERS=T, HAS_INIT=False, SEQ_AXIS=bool(seq_axis), PER_POS=per_pos, DETACH=True,
+            ONE_CHUNK=one, ACC=_tl_acc(acc), BLOCK_K=BK, BLOCK_L=BL, BLOCK_D=BD, num_warps=nw)
+        return grad_u
+    if u is None:
+        raise ValueError("u is required when detach=False")
+    u = u.contiguous()
+    if tuple(u.shape) != u_shape:
+        raise ValueError(f"u: expected shape {u_shape}, got {tuple(u.shape)}")
+    acc = _acc_dtype(u.dtype)
+    has_init = init_logits is not None
+    f = dict(dtype=acc, device=dev)
+    blog = torch.empty(B, T, K, L, **f)
+    gb = torch.empty(B, T, K, L, **f)
+    gb[:, T - 1].zero_()  # no gradient w.r.t. a logits update after the last iteration
+    sall = torch.empty(B, T, K, d, **f)
+    gs = torch.empty(B, T, K, d, **f)
+    if seq_axis:
+        mall = torch.empty(B, T, K, **f)
+        dall = torch.empty(B, T, K, **f)
+    else:
+        mall = dall = blog  # unused
+    init = init_logits.detach().to(acc).contiguous() if has_init else blog
+    _routing_bwd_kernel[(B,)](
+        grad_v, u, mask_u8, init, blog, blog, grad_u,
+        blog, sall, mall, dall, gs, gb,
+        K, L, d, sUb, sUk, sUl,
+        ITERS=T, HAS_INIT=has_init, SEQ_AXIS=bool(seq_axis), PER_POS=per_pos, DETACH=False,
+        ONE_CHUNK=one, ACC=_tl_acc(u.dtype), BLOCK_K=BK, BLOCK_L=BL, BLOCK_D=BD, num_warps=nw)
+    return grad_u
