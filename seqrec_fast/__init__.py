@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 from . import _ext, backend  # noqa: E402
 from . import ops, nn, reference  # noqa: E402,F401
 
-OPS = ("routing",)
+OPS = ("routing", "attention", "linear_cross_entropy", "sampled_softmax")
 
 
 def info() -> dict:

@@ -117,8 +117,9 @@ def _validate(seq_emb, mask, weight, num_interests, iters, bilinear, init_logits
     _checks.choice("softmax_axis", softmax_axis, ("interest", "sequence"))
     if not isinstance(detach_routing, bool):
         raise TypeError(f"detach_routing must be a bool, got {type(detach_routing).__name__}")
-    if L < 1 or d < 1:
-        raise ValueError(f"seq_emb must have seq_len >= 1 and dim >= 1, got shape {tuple(seq_emb.shape)}")
+    if B < 1 or L < 1 or d < 1:
+        raise ValueError(f"seq_emb must have batch >= 1 (an empty batch is an error), seq_len >= 1 "
+                         f"and dim >= 1, got shape {tuple(seq_emb.shape)}")
     _checks.tensor("weight", weight, dtypes=_FLOATS, device=device)
     if weight.dtype != seq_emb.dtype:
         raise TypeError(f"weight has dtype {weight.dtype} but seq_emb has {seq_emb.dtype}")
@@ -161,14 +162,15 @@ def capsule_routing(seq_emb: Tensor, mask: Tensor, weight: Tensor, *, num_intere
         overrides "auto").
 
     Returns: interests (batch, num_interests, dim) in seq_emb's dtype. A row whose positions
-    are all padded gets zero interests and zero gradients (never NaN).
+    are all padded gets zero interests and zero gradients (never NaN). An empty batch raises
+    ValueError.
     Raises: TypeError / ValueError naming the bad argument; RuntimeError when a backend named
     explicitly cannot run here.
     """
     mask = _validate(seq_emb, mask, weight, num_interests, iters, bilinear, init_logits,
                      softmax_axis, detach_routing)
     be = _backend.resolve(OP, backend, seq_emb.device)
-    if be == "eager" or seq_emb.shape[0] == 0:  # an empty batch gives an empty (0, K, d)
+    if be == "eager":
         return routing_ref(seq_emb, mask, weight, num_interests=num_interests, iters=iters,
                            bilinear=bilinear, init_logits=init_logits,
                            softmax_axis=softmax_axis, detach_routing=detach_routing)

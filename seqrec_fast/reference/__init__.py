@@ -4,4 +4,7 @@ Each takes already-validated inputs (the public ops in ``seqrec_fast.ops`` valid
 differentiable through ordinary autograd. Tests compare every kernel against these run in
 float64; the ``eager`` backend runs them in the input dtype.
 """
+from .attention import attention_ref, label_aware_attention_ref  # noqa: F401
 from .routing import bilinear_ref, routing_iterations_ref, routing_ref, squash  # noqa: F401
+from .softmax import (bpr_max_ref, linear_cross_entropy_ref, sampled_candidates_ref,  # noqa: F401
+                      sampled_softmax_ref)
