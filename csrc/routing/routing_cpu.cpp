@@ -13,10 +13,16 @@
 #include <ATen/Parallel.h>
 
 #include "common/registry.h"
+#include "routing/routing_binding.h"
 #include "routing/routing_core.h"
 
 namespace seqrec_fast {
 namespace {
+
+using routing_binding::check_args;
+using routing_binding::check_inner_stride;
+using routing_binding::Layout;
+using routing_binding::u_layout;
 
 namespace rc = routing;
 
@@ -30,10 +36,6 @@ void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got device ", t.device());
 }
 
-void check_inner_stride(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, name,
-              " must have stride 1 in its last dimension, got strides ", t.strides());
-}
 
 bool is_float_type(at::ScalarType st) {
   return st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf;
@@ -66,45 +68,6 @@ std::optional<at::Tensor> prepare_init(const std::optional<at::Tensor>& init_opt
   return init_logits.to(acc);
 }
 
-struct Layout {
-  bool shared;
-  int64_t B, K, L, d;
-  int64_t sb, sk, sl;  // strides of u for batch, interest (0 when shared), position
-};
-
-Layout u_layout(const at::Tensor& u, int64_t K) {
-  Layout lo{};
-  if (u.dim() == 3) {
-    lo.shared = true;
-    lo.B = u.size(0);
-    lo.L = u.size(1);
-    lo.d = u.size(2);
-    lo.K = K;
-    lo.sb = u.stride(0);
-    lo.sl = u.stride(1);
-    lo.sk = 0;
-  } else {
-    TORCH_CHECK(u.dim() == 4,
-                "u must be (B, L, d) (shared) or (L, B, K, d) (per_position), got shape ",
-                u.sizes());
-    lo.shared = false;
-    lo.L = u.size(0);
-    lo.B = u.size(1);
-    TORCH_CHECK(u.size(2) == K, "u (L, B, K, d) must have K = num_interests = ", K,
-                " in dim 2, got shape ", u.sizes());
-    lo.K = K;
-    lo.d = u.size(3);
-    lo.sl = u.stride(0);
-    lo.sb = u.stride(1);
-    lo.sk = u.stride(2);
-  }
-  return lo;
-}
-
-void check_args(int64_t num_interests, int64_t iters) {
-  TORCH_CHECK(num_interests >= 1, "num_interests must be >= 1, got ", num_interests);
-  TORCH_CHECK(iters >= 1, "iters must be >= 1, got ", iters);
-}
 
 // routing_fwd_cpu(u, mask, init_logits, num_interests, iters, seq_axis) -> (v, c_last, s_last)
 //   v (B, K, d) u.dtype; c_last (B, K, L), s_last (B, K, d) float32 (float64 for float64 u).

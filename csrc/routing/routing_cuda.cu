@@ -24,10 +24,16 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "common/registry.h"
+#include "routing/routing_binding.h"
 #include "routing/routing_kernels.h"
 
 namespace seqrec_fast {
 namespace {
+
+using routing_binding::check_args;
+using routing_binding::check_inner_stride;
+using routing_binding::Layout;
+using routing_binding::u_layout;
 
 namespace rk = routing_cuda;
 
@@ -37,10 +43,6 @@ void check_on(const at::Tensor& t, const char* name, const at::Device& dev) {
               t.device());
 }
 
-void check_inner_stride(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, name,
-              " must have stride 1 in its last dimension, got strides ", t.strides());
-}
 
 rk::DType element_type(at::ScalarType st, const char* name) {
   switch (st) {
@@ -77,45 +79,6 @@ std::optional<at::Tensor> prepare_init(const std::optional<at::Tensor>& init_log
   return init.to(at::kFloat);  // keeps stride 1 in the last dimension
 }
 
-struct Layout {
-  bool shared;
-  int64_t B, K, L, d;
-  int64_t sb, sk, sl;  // strides of u for batch, interest (0 when shared), position
-};
-
-Layout u_layout(const at::Tensor& u, int64_t K) {
-  Layout lo{};
-  if (u.dim() == 3) {
-    lo.shared = true;
-    lo.B = u.size(0);
-    lo.L = u.size(1);
-    lo.d = u.size(2);
-    lo.K = K;
-    lo.sb = u.stride(0);
-    lo.sl = u.stride(1);
-    lo.sk = 0;
-  } else {
-    TORCH_CHECK(u.dim() == 4,
-                "u must be (B, L, d) (shared) or (L, B, K, d) (per_position), got shape ",
-                u.sizes());
-    lo.shared = false;
-    lo.L = u.size(0);
-    lo.B = u.size(1);
-    TORCH_CHECK(u.size(2) == K, "u (L, B, K, d) must have K = num_interests = ", K,
-                " in dim 2, got shape ", u.sizes());
-    lo.K = K;
-    lo.d = u.size(3);
-    lo.sl = u.stride(0);
-    lo.sb = u.stride(1);
-    lo.sk = u.stride(2);
-  }
-  return lo;
-}
-
-void check_args(int64_t num_interests, int64_t iters) {
-  TORCH_CHECK(num_interests >= 1, "num_interests must be >= 1, got ", num_interests);
-  TORCH_CHECK(iters >= 1, "iters must be >= 1, got ", iters);
-}
 
 int threads_from_env() {
   const char* s = std::getenv("SEQREC_FAST_ROUTING_CUDA_THREADS");
