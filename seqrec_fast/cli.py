@@ -1,9 +1,10 @@
-"""Command line: ``seqrec-fast train|evaluate|sampler-bench`` (also ``python -m seqrec_fast``).
+"""Command line: ``seqrec-fast train|evaluate|plot|sampler-bench`` (also ``python -m seqrec_fast``).
 
   seqrec-fast train --model comirec-dr --data synthetic          # the CPU demo (~1 minute)
   seqrec-fast train --model mind --data log.csv --loss full --steps 20000 --device cuda --bf16
   seqrec-fast train --out-dir runs/dr --resume                   # continue from runs/dr/last.pt
   seqrec-fast evaluate runs/dr/best.pt --split test
+  seqrec-fast plot runs/comirec-dr runs/youtubednn --out plots   # t-SNE + curves (needs [plot])
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--readout", default=d.readout, choices=["hard", "pow"])
     p.add_argument("--readout-pow", type=float, default=d.readout_pow)
     p.add_argument("--dynamic-k", action="store_true", help="MIND: dynamic interest number")
+    p.add_argument("--bilinear-init", default=d.bilinear_init, choices=["identity", "normal"],
+                   help="ComiRec-DR: start of the per-position maps (normal = ComiRec's N(0,1))")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--epochs", type=float, default=None, help="overrides --steps")
@@ -82,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=["valid", "test"])
     ev.add_argument("--device", default="auto")
     ev.add_argument("--retriever", default="auto", choices=["auto", "torch", "faiss"])
+    pl = sub.add_parser("plot", help="t-SNE of item embeddings by category and training curves "
+                                     "(PNG; needs matplotlib and scikit-learn)")
+    pl.add_argument("runs", nargs="+", help="run folder(s) written by train")
+    pl.add_argument("--out", default=None, help="output folder (default: the first run folder)")
+    pl.add_argument("--no-tsne", action="store_true", help="training curves only")
+    pl.add_argument("--points", type=int, default=2000,
+                    help="t-SNE of the N most popular items (default 2000)")
+    pl.add_argument("--categories", type=int, default=12,
+                    help="colour the N largest categories, the rest grey (default 12)")
+    pl.add_argument("--seed", type=int, default=0)
     sb = sub.add_parser("sampler-bench", help="batches/s of the training-batch sampler alone")
     sb.add_argument("--data", default="synthetic")
     sb.add_argument("--synthetic", default="{}", type=json.loads)
@@ -124,6 +137,18 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         m = _train.evaluate_checkpoint(args.checkpoint, args.split, args.device, args.retriever)
         print(format_table({f"{args.checkpoint} ({args.split})": m}))
+        return 0
+    if args.command == "plot":
+        from .plot import plot_runs
+
+        try:
+            paths = plot_runs(args.runs, args.out, tsne=not args.no_tsne, n_points=args.points,
+                              max_categories=args.categories, seed=args.seed)
+        except (ImportError, ValueError) as exc:
+            print(f"seqrec-fast plot: error: {exc}", file=sys.stderr)
+            return 2
+        for p in paths:
+            print(p)
         return 0
     if args.command == "sampler-bench":
         from .data import TrainSampler, load_dataset

@@ -2,8 +2,9 @@
 
 Writes to ``out_dir``: ``config.json``, ``metrics.jsonl`` (one JSON record per validation and the
 final test), ``last.pt`` (resumable: model, optimizers, RNG states, counters), ``best.pt`` (best
-validation Recall@50), ``item_emb.npy`` (n_items, d), ``user_emb_test.npy`` (U_test, K, d), and
-``items.faiss`` when faiss is installed.
+validation Recall@50), ``item_emb.npy`` (n_items, d), ``user_emb_test.npy`` (U_test, K, d),
+``item_category.npy`` (n_items,) when the data has categories, and ``items.faiss`` when faiss is
+installed.
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ class TrainConfig:
     readout: str = "hard"
     readout_pow: float = 1.0
     dynamic_k: bool = False
+    bilinear_init: str = "identity"       # ComiRec-DR: "identity" or "normal" (ComiRec's N(0, 1))
     batch_size: int = 128
     steps: int = 1500
     epochs: Optional[float] = None        # overrides steps: epochs · train interactions / batch
@@ -102,6 +104,8 @@ def model_kwargs(cfg: TrainConfig) -> dict:
         kw["num_interests"] = cfg.num_interests
     if name == "mind":
         kw["dynamic_k"] = cfg.dynamic_k
+    if name == "comirec-dr":
+        kw["bilinear_init"] = cfg.bilinear_init
     return kw
 
 
@@ -246,6 +250,8 @@ def train(config: Optional[TrainConfig] = None, **overrides) -> dict:
     log_record({"step": step, "split": "test", **test})
     if cfg.export:
         export_embeddings(model, ds.test, cfg, out, device)
+        if ds.item_category is not None:   # for `seqrec-fast plot` (t-SNE coloured by category)
+            np.save(os.path.join(out, "item_category.npy"), ds.item_category)
     table = format_table({cfg.model: test, "most-popular": pop}, cfg.topk)
     log.info("test metrics:\n%s", table)
     return {"out_dir": out, "step": step, "best_valid": best, "test": test, "popularity": pop,

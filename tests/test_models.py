@@ -23,7 +23,8 @@ def _batch(padding="right", seed=0):
 def _backends():
     out = ["eager"]
     for be in ("cpp", "triton"):
-        if all(_backend.available(op, be, "cpu") for op in ("routing",)):
+        if all(_backend.available(op, be, "cpu") for op in
+               ("routing", "attention", "sampled_softmax", "linear_cross_entropy")):
             out.append(be)
     return out
 
@@ -197,3 +198,37 @@ def test_bf16_autocast_runs():
             lo = m.loss(_batch())
         lo.backward()
         assert torch.isfinite(lo)
+
+
+def test_named_backend_must_cover_every_op(monkeypatch):
+    # a backend named explicitly never silently runs an op elsewhere: building the model fails
+    # when one of its ops has no kernel there ("auto" picks per op, "eager" always works)
+    if not torch.cuda.is_available():
+        for name in ("comirec-dr", "comirec-sa", "youtubednn"):
+            with pytest.raises(ValueError, match="'cuda' was asked for by name"):
+                build_model(name, N, dim=D, max_len=L, backend="cuda")
+        monkeypatch.setenv("SEQREC_FAST_BACKEND", "cuda")
+        with pytest.raises(ValueError, match="SEQREC_FAST_BACKEND='cuda'"):
+            build_model("mind", N, dim=D, max_len=L)
+        monkeypatch.delenv("SEQREC_FAST_BACKEND")
+    # the softmax losses have no CUDA C++ kernel: 'cuda' can never cover a model's loss
+    with pytest.raises(ValueError, match="sampled_softmax"):
+        build_model("gru4rec", N, dim=D, max_len=L, backend="cuda")
+    for be in ["auto"] + _backends():
+        build_model("comirec-sa", N, dim=D, max_len=L, backend=be, loss="full")
+    if _backend.available("routing", "cpp", "cpu"):
+        m = build_model("comirec-dr", N, dim=D, max_len=L, backend="cpp")
+        m.generator = torch.Generator().manual_seed(0)
+        m.loss(_batch()).backward()
+
+
+def test_dr_bilinear_init():
+    torch.manual_seed(0)
+    m = ComiRecDR(N, dim=D, max_len=L, backend="eager")
+    w = m.routing.weight.detach().view(L, 4, D, D)
+    dev = w - torch.eye(D)
+    assert dev.abs().max() < 0.2 and dev.std() > 0          # identity + small noise
+    m = ComiRecDR(N, dim=D, max_len=L, backend="eager", bilinear_init="normal")
+    assert 0.8 < m.routing.weight.std().item() < 1.2        # ComiRec's N(0, 1)
+    with pytest.raises(ValueError, match="bilinear_init"):
+        ComiRecDR(N, dim=D, max_len=L, bilinear_init="xavier")

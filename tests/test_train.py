@@ -1,6 +1,5 @@
 """Training / CLI end to end on CPU, checkpoint resume, and the planted-interest quality check."""
 import json
-import os
 import subprocess
 import sys
 
@@ -94,28 +93,47 @@ def test_full_softmax_bf16_and_early_stopping(tmp_path):
     assert all(0 <= v <= 1 for v in r["test"].values())
 
 
-# Planted interests: users mix 4 of 100 clusters (20 items each) and d = 16 < 100, so one vector
-# cannot cover a user's clusters. Multi-interest models must beat the single-interest ones on
-# Recall@50 by a clear margin, and every model the most-popular baseline.
-# KNOWN FAILURE (reported to the lead, not weakened): at this budget (800 steps, ~1 minute)
-# ComiRec-SA wins clearly (0.43 vs 0.34) but ComiRec-DR (0.21) and MIND (0.32) are still
-# underfit, so the check does not hold yet. Opt in with SEQREC_FAST_QUALITY=1.
-QUALITY_DATA = {"n_interests": 100, "seed": 42}
+# Planted interests (the synthetic default: 80 clusters of 50 items, 3 interests per user,
+# histories interleaving them, targets from any of them). With d = 16 < 80 clusters one user
+# vector cannot point at three arbitrary clusters, K = 4 vectors can. Settings: 2000 steps of
+# batch 128, Adam lr 1e-2 for every model (ComiRec's 1e-3 is for ~1000x longer runs), seed 0.
+# Measured (Recall@50 on the test users; training seed 0 / 1 / 2 with data seed 7):
+#   ComiRec-DR 0.597 / 0.601 / 0.597, ComiRec-SA 0.493 / 0.487 / 0.500, MIND 0.484 / 0.472 / 0.493
+#   GRU4Rec 0.383 / 0.386 / 0.376, YouTubeDNN 0.368 / 0.386 / 0.404; most-popular 0.116 (0.131)
+#   -> margin min(multi) - max(single) = 0.101 / 0.086 / 0.089. About 60 s of CPU (one thread).
+QUALITY = dict(dim=16, steps=2000, lr=1e-2, eval_every=1000, batch_size=128, seed=0,
+               progress=False, export=False)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("SEQREC_FAST_QUALITY", "0") != "1",
-                    reason="known not to hold yet at a 1-minute budget; SEQREC_FAST_QUALITY=1 runs it")
 def test_multi_interest_beats_single_interest(tmp_path):
     recall, pop = {}, None
     for name in ("youtubednn", "gru4rec", "mind", "comirec-dr", "comirec-sa"):
-        r = train(TrainConfig(model=name, synthetic=QUALITY_DATA, dim=16, steps=800, lr=5e-3,
-                              eval_every=200, batch_size=128, seed=0, progress=False,
-                              export=False, out_dir=str(tmp_path / name)))
+        r = train(TrainConfig(model=name, cache_dir=str(tmp_path / "cache"),
+                              out_dir=str(tmp_path / name), **QUALITY))
         recall[name] = r["test"]["recall@50"]
         pop = r["popularity"]["recall@50"]
-    print(recall, "most-popular", pop)
+        print(f"{name}: test recall@50 {recall[name]:.4f}", flush=True)
+    print({k: round(v, 4) for k, v in recall.items()}, "most-popular", round(pop, 4))
     single = max(recall["youtubednn"], recall["gru4rec"])
     multi = min(recall["mind"], recall["comirec-dr"], recall["comirec-sa"])
-    assert multi > single * 1.15, recall
-    assert min(recall.values()) > pop, (recall, pop)
+    assert multi > single + 0.05, recall            # measured margin: 0.09-0.11
+    assert min(recall.values()) > pop + 0.15, (recall, pop)
+
+
+def test_bench_train_providers_run():
+    # bench/train.py's models at a tiny shape: every provider takes a training step
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                        "train.py")
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    shape = (4, 6, 2, 8, 100, 16)
+    for variant in ("dr", "sa"):
+        for provider in ("seed", "eager", "ours", "ours-full", "ours-sparse"):
+            step = bench.build_case(variant, provider, shape, torch.device("cpu"))
+            step()
+            step()

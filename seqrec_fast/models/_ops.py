@@ -1,54 +1,68 @@
-"""The fused ops the models use, each with the eager reference as the fallback while an op has
-not landed in ``seqrec_fast.ops`` (import checked at call time, so a model switches to the fused
-op as soon as it exists). Shapes as in the ops."""
+"""The fused ops the models use, and the backend rule for models.
+
+Backend rule (DESIGN.md "Backends"): a model passes its ``backend`` to every fused op it calls.
+``"auto"`` lets each op pick its fastest kernel for the tensors' device (and fall back, saying
+so once). A backend named explicitly (``"cpp"``, ``"triton"``, ``"cuda"``, ``"eager"``, also
+through ``SEQREC_FAST_BACKEND``) must have a kernel for EVERY fused op the model uses:
+:func:`check_backend` verifies that when the model is built and raises ``ValueError`` naming the
+ops and the reason otherwise — a model never runs some of its ops on a backend other than the
+one asked for. The training readout (``label_aware_attention``, a (B, K) score matrix and a
+gather) is plain PyTorch for every backend. Shapes as in the ops.
+"""
 from __future__ import annotations
 
-import importlib
-import inspect
-import math
-import warnings
-from typing import Optional
+import os
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ..reference.attention import attention_ref, label_aware_attention_ref
-from ..reference.softmax import linear_cross_entropy_ref, sampled_softmax_ref
+from .. import backend as _backend
+from ..ops.attention import label_aware_attention as _label_aware_attention
+from ..ops.attention import multi_interest_attention as _multi_interest_attention
+from ..ops.softmax import linear_cross_entropy as _linear_cross_entropy
+from ..ops.softmax import sampled_softmax_loss as _sampled_softmax_loss
+
+# backend-registry names (seqrec_fast.backend) of the fused ops
+OP_ROUTING, OP_ATTENTION = "routing", "attention"
+OP_SAMPLED, OP_FULL = "sampled_softmax", "linear_cross_entropy"
 
 
-def _fused(module: str, name: str):
-    """The fused op, or None while it has not landed. Returns (fn, accepts_backend)."""
-    try:
-        mod = importlib.import_module(f"seqrec_fast.ops.{module}")
-    except ImportError:
-        return None
-    fn = getattr(mod, name, None)
-    if fn is None:
-        return None
-    return fn, "backend" in inspect.signature(fn).parameters
+def _device_for(backend: str) -> torch.device:
+    """The device type a named backend runs on (where its availability is checked)."""
+    if backend == "cpp":
+        return torch.device("cpu")
+    if backend == "cuda":
+        return torch.device("cuda")
+    # triton: GPU when there is one, else CPU tensors under TRITON_INTERPRET=1
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-_fell_back: set = set()
-
-
-def _call(found, *args, backend: str, **kwargs):
-    """Run a fused op with the model's backend. A model spans several ops: when the backend it
-    names has no kernel for THIS op (e.g. "cpp" for an op with only Triton/eager kernels), the op
-    runs with "auto" instead, and that is said once (warnings)."""
-    fn, takes_backend = found
-    if not takes_backend:
-        return fn(*args, **kwargs)
-    try:
-        return fn(*args, backend=backend, **kwargs)
-    except RuntimeError as exc:
-        if backend == "auto" or "is not available" not in str(exc):
-            raise
-        key = (fn.__name__, backend)
-        if key not in _fell_back:
-            _fell_back.add(key)
-            warnings.warn(f"seqrec_fast.models: {fn.__name__} has no {backend!r} kernel here "
-                          f"({exc}); running it with backend='auto'", RuntimeWarning, stacklevel=3)
-        return fn(*args, backend="auto", **kwargs)
+def check_backend(backend: str, ops: Sequence[str], model: str) -> None:
+    """Raise ValueError when ``backend`` (or SEQREC_FAST_BACKEND for "auto") is named explicitly
+    and lacks a kernel for one of ``ops``. "auto" and "eager" always pass. A backend that exists
+    for another device type than the tensors the model is later given (e.g. "cpp" with CUDA
+    tensors) is caught by the op itself at call time."""
+    be = backend
+    if be == "auto":
+        be = os.environ.get("SEQREC_FAST_BACKEND", "auto") or "auto"
+        if be not in _backend.BACKENDS:
+            raise ValueError(f"SEQREC_FAST_BACKEND must be one of {_backend.BACKENDS}, got {be!r}")
+    if be in ("auto", "eager"):
+        return
+    dev = _device_for(be)
+    missing = []
+    for op in ops:
+        why = _backend._reason_unavailable(op, be, dev)
+        if why is None and be == "cuda" and op in (OP_SAMPLED, OP_FULL):
+            why = "the softmax losses have no CUDA C++ kernel (their GPU path is 'triton')"
+        if why is not None:
+            missing.append(f"{op} ({why})")
+    if missing:
+        src = "SEQREC_FAST_BACKEND" if backend == "auto" else "backend"
+        raise ValueError(f"{model}: {src}={be!r} was asked for by name but it has no kernel for "
+                         f"{'; '.join(missing)}. Use backend='auto' (each op picks its fastest "
+                         f"available kernel) or 'eager'.")
 
 
 def multi_interest_attention(seq_emb: Tensor, mask: Tensor, w1: Tensor, b1: Optional[Tensor],
@@ -56,28 +70,20 @@ def multi_interest_attention(seq_emb: Tensor, mask: Tensor, w1: Tensor, b1: Opti
                              backend: str) -> Tensor:
     """ComiRec-SA interests: seq_emb (B, L, d), mask (B, L) bool, w1 (d, d_a), w2 (d_a, K),
     pos_emb (L, d) -> (B, K, d)."""
-    fn = _fused("attention", "multi_interest_attention")
-    if fn is not None:
-        return _call(fn, seq_emb, mask, w1, b1, w2, b2, pos_emb=pos_emb, backend=backend)
-    return attention_ref(seq_emb, mask, w1, b1, w2, b2, pos_emb=pos_emb)
+    return _multi_interest_attention(seq_emb, mask, w1, b1, w2, b2, pos_emb=pos_emb,
+                                     backend=backend)
 
 
-def label_aware_attention(interests: Tensor, target_emb: Tensor, pow: float, backend: str) -> Tensor:
+def label_aware_attention(interests: Tensor, target_emb: Tensor, pow: float) -> Tensor:
     """Readout: interests (B, K, d), target_emb (B, d) -> user vector (B, d);
     pow = inf is the hard readout."""
-    fn = _fused("attention", "label_aware_attention")
-    if fn is not None:
-        return _call(fn, interests, target_emb, pow=pow, backend=backend)
-    return label_aware_attention_ref(interests, target_emb, pow=pow)
+    return _label_aware_attention(interests, target_emb, pow=pow)
 
 
 def full_softmax(user: Tensor, items: Tensor, target: Tensor, bias: Optional[Tensor],
                  backend: str) -> Tensor:
     """Full-catalog softmax CE: user (B, d), items (N, d), target (B,), bias (N,) -> scalar."""
-    fn = _fused("softmax", "linear_cross_entropy")
-    if fn is not None:
-        return _call(fn, user, items, target, bias=bias, backend=backend)
-    return linear_cross_entropy_ref(user, items, target, bias=bias)
+    return _linear_cross_entropy(user, items, target, bias=bias, backend=backend)
 
 
 def sampled_softmax(user: Tensor, items: Tensor, target: Tensor, negatives: Tensor,
@@ -86,26 +92,10 @@ def sampled_softmax(user: Tensor, items: Tensor, target: Tensor, negatives: Tens
     """Sampled softmax with shared negatives: user (B, d), items (M, d), target (B,),
     negatives (S,), log_q (S,), target_log_q (B,) -> scalar. Accidental hits removed, no in-batch
     negatives (ComiRec)."""
-    fn = _fused("softmax", "sampled_softmax_loss")
-    kw = dict(log_q=log_q, target_log_q=target_log_q, in_batch_negatives=False,
-              remove_accidental_hits=True)
-    if fn is not None:
-        return _call(fn, user, items, target, negatives, backend=backend, **kw)
-    return sampled_softmax_ref(user, items, target, negatives, **kw)
+    return _sampled_softmax_loss(user, items, target, negatives, log_q=log_q,
+                                 target_log_q=target_log_q, in_batch_negatives=False,
+                                 remove_accidental_hits=True, backend=backend)
 
 
-def log_uniform_sample(n: int, range_max: int, generator: Optional[torch.Generator],
-                       device) -> tuple:
-    """``n`` draws with replacement from the log-uniform (Zipfian) distribution over ranks
-    [0, range_max): P(r) = log((r+2)/(r+1)) / log(range_max+1). Returns (ranks (n,) int64,
-    log_prob (n,) float32)."""
-    u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
-    r = (torch.exp(u * math.log(range_max + 1.0)).floor().long() - 1).clamp_(0, range_max - 1)
-    return r, log_uniform_log_prob(r, range_max)
-
-
-def log_uniform_log_prob(r: Tensor, range_max: int) -> Tensor:
-    """log P(r) of the log-uniform distribution; r: any shape int64 -> float32, same shape."""
-    rf = r.to(torch.float64)
-    return (torch.log(torch.log1p(1.0 / (rf + 1))) - math.log(math.log(range_max + 1.0))
-            ).to(torch.float32)
+__all__ = ["check_backend", "multi_interest_attention", "label_aware_attention", "full_softmax",
+           "sampled_softmax"]

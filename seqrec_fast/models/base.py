@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .. import _checks
 from ..backend import BACKENDS
+from ..ops.samplers import LogUniformSampler, UniformSampler
 from . import _ops
 
 LOSSES = ("sampled", "full")
@@ -36,9 +37,13 @@ class SeqRecModel(nn.Module):
         sorted, as ``seqrec_fast.data`` makes them) or "uniform".
       readout: "hard" or "pow" (MIND: softmax(<v_k, e>^readout_pow)·v).
       sparse: item-table gradients as sparse row sets (for the row-wise sparse optimizers).
-      backend: passed to every fused op ("auto" | "triton" | "cuda" | "cpp" | "eager").
+      backend: passed to every fused op ("auto" | "triton" | "cuda" | "cpp" | "eager"). "auto":
+        each op picks its fastest kernel for the tensors' device. A backend named explicitly must
+        have a kernel for every fused op the model uses (interest extraction and the loss), else
+        the constructor raises ValueError (see ``seqrec_fast.models._ops.check_backend``).
     """
     multi_interest = False
+    interest_op: Optional[str] = None   # the fused op computing the interests (backend registry name)
 
     def __init__(self, n_items: int, dim: int = 64, max_len: int = 20, *, loss: str = "sampled",
                  neg_ratio: int = 10, num_negatives: Optional[int] = None,
@@ -63,6 +68,9 @@ class SeqRecModel(nn.Module):
         self.loss_type, self.neg_ratio, self.num_negatives = loss, neg_ratio, num_negatives
         self.neg_sampler, self.readout, self.readout_pow = neg_sampler, readout, float(readout_pow)
         self.sparse, self.backend = sparse, backend
+        ops = ([self.interest_op] if self.interest_op else []) + \
+            [_ops.OP_FULL if loss == "full" else _ops.OP_SAMPLED]
+        _ops.check_backend(backend, ops, type(self).__name__)
         self.item_emb = nn.Embedding(n_items, dim)
         nn.init.normal_(self.item_emb.weight, 0.0, 1.0 / math.sqrt(dim))
         with torch.no_grad():
@@ -99,16 +107,25 @@ class SeqRecModel(nn.Module):
         if interests.shape[1] == 1:
             return interests[:, 0]
         p = math.inf if self.readout == "hard" else self.readout_pow
-        return _ops.label_aware_attention(interests, target_emb.to(interests.dtype), p, self.backend)
+        return _ops.label_aware_attention(interests, target_emb.to(interests.dtype), p)
 
     def sample_negatives(self, n: int, device) -> tuple:
-        """-> (ids (n,) int64 in [1, n_items), log Q (n,) float32 = log(n · P(id)))."""
+        """-> (ids (n,) int64 in [1, n_items), log Q (n,) float32 = log(n · P(id))), drawn with
+        ``seqrec_fast.ops.samplers`` (log-uniform over the popularity-sorted ids 1.., or uniform)
+        from the model's generator."""
         R = self.n_items - 1
         if self.neg_sampler == "uniform":
-            ids = torch.randint(1, self.n_items, (n,), generator=self.generator, device=device)
-            return ids, torch.full((n,), math.log(n / R), device=device)
-        r, lp = _ops.log_uniform_sample(n, R, self.generator, device)
-        return r + 1, lp + math.log(n)
+            ids, lp = UniformSampler(R, device).sample(n, self.generator)
+        else:
+            ids, lp = LogUniformSampler(R, device).sample(n, self.generator)
+        return ids + 1, lp + math.log(n)
+
+    def target_log_q(self, target: Tensor, n: int) -> Tensor:
+        """log(n · P(target)) of the negative sampler for target ids (B,) -> (B,) float32."""
+        R = self.n_items - 1
+        sampler = (UniformSampler if self.neg_sampler == "uniform" else LogUniformSampler)(
+            R, target.device)
+        return sampler.log_prob(target - 1) + math.log(n)
 
     # ------------------------------------------------------------------- loss
     def loss(self, batch: dict) -> Tensor:
@@ -134,10 +151,7 @@ class SeqRecModel(nn.Module):
         # compact table of the rows this step touches: sparse gradients, ids compared exactly
         uniq, inv = torch.unique(torch.cat([target, neg]), return_inverse=True)
         items = self.embed(uniq)
-        if self.neg_sampler == "log_uniform":
-            t_lq = _ops.log_uniform_log_prob(target - 1, self.n_items - 1) + math.log(S)
-        else:
-            t_lq = torch.full((B,), math.log(S / (self.n_items - 1)), device=target.device)
+        t_lq = self.target_log_q(target, S)
         return _ops.sampled_softmax(user.float(), items.float(), inv[:B], inv[B:], log_q, t_lq,
                                     self.backend)
 
