@@ -48,7 +48,7 @@ def test_comirec(tmp_path):
 
 
 def test_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa  # the test extra installs it
     import pyarrow.parquet as pq
 
     p = tmp_path / "log.parquet"

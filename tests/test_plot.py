@@ -27,8 +27,8 @@ def run_dir(tmp_path_factory):
 
 
 def test_plot_writes_pngs(run_dir, tmp_path, capsys):
-    pytest.importorskip("matplotlib")
-    pytest.importorskip("sklearn")
+    import matplotlib  # noqa: F401  (the test extra installs the plot dependencies)
+    import sklearn  # noqa: F401
     assert (run_dir / "item_category.npy").exists()
     rc = main(["plot", str(run_dir), "--out", str(tmp_path), "--points", "150"])
     assert rc == 0
@@ -44,8 +44,8 @@ def test_plot_writes_pngs(run_dir, tmp_path, capsys):
 
 
 def test_plot_tsne_without_categories(tmp_path):
-    pytest.importorskip("matplotlib")
-    pytest.importorskip("sklearn")
+    import matplotlib  # noqa: F401  (the test extra installs the plot dependencies)
+    import sklearn  # noqa: F401
     emb = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
     p = plot_tsne(emb, None, str(tmp_path / "t.png"))
     assert open(p, "rb").read(8) == PNG
