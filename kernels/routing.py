@@ -7,19 +7,28 @@ Layouts of u_hat (element (b, k, l, j) at ``u[b*sUb + k*sUk + l*sUl + j]``):
   shared (MIND):        u (B, L, d) contiguous, sUb = L*d, sUk = 0, sUl = d
   per_position (DR):    u (L, B, K, d) contiguous, sUb = K*d, sUk = d, sUl = B*K*d
 
-Design: one program per batch row. The row's u_hat tile lives in registers for the whole
-kernel when it is small enough (``ONE_CHUNK``: BLOCK_L covers L), so u is read from global
-memory once per kernel; otherwise the sequence is processed in chunks of BLOCK_L and u is read
-once per routing iteration (the b-update of iteration i and the s of iteration i+1 share one
-pass; on the sequence axis through an online softmax with running max and rescaling).
-The small per-row state (routing logits b (K, L), per-iteration s/v (K, d), ...) goes through
-global scratch that the program itself writes and re-reads (L1/L2 resident), with
-``tl.debug_barrier()`` between phases because the reading thread need not be the writer.
+Design: one program per batch row (grid (B,)).
+  Forward: T routing iterations; iteration i makes one pass over the row's u that both updates
+  the logits, b_i = b_{i-1} + <u, v_{i-1}>, and accumulates s_i = sum_l c_i u (interest-axis
+  softmax is local to a position; the sequence-axis softmax is an online softmax with running
+  max / denominator and rescaling when the row is chunked).
+  * shared layout with L*d small (<= _RESIDENT_MAX elements after padding): the row's u tile is
+    loaded once and stays in registers for all iterations (u read once per kernel);
+  * otherwise (long rows, and always per position, whose rows are K times larger) the
+    sequence is streamed in chunks of BLOCK_L positions, u read once per iteration.
+  Backward, detach=True: grad_u = c_last * squash_bwd(s_last, grad_v), one write of grad_u.
+  Backward, detach=False: the forward is recomputed (saving b_i, s_i and the softmax
+  max/denominator in scratch), then reverse iterations T-1..1 each make one pass over u that
+  computes g_c = <g_s_i, u>, the softmax backward and g_v_{i-1} = sum_l g_b_i u together
+  (iteration 0 needs none: init_logits is a constant), then grad_u = sum_i c_i g_s_i +
+  g_b_{i+1} v_i is written in one pass; u is read 2T-1 times (once when resident).
+The small per-row state (logits (K, L), per-iteration s / g_s (K, d), ...) lives in global
+scratch that the program writes and re-reads (L1/L2 resident); ``tl.debug_barrier()``
+separates the phases because the reading thread need not be the writing one, and the forward
+logits ping-pong between two slots so no pass reads and writes the same address.
 
 Accumulation is in fp32 (fp64 when u is fp64); bf16/fp16 loads are cast right away.
-The shared layout is contracted one interest at a time (``tl.static_range`` over BLOCK_K) so
-no (K, L, d) temporary is formed; the per-position layout uses a (BLOCK_K, BLOCK_L, BLOCK_D)
-tile. No ``tl.dot``: K is tiny (< 16 rows) and fp32 must stay exact (no tf32).
+No ``tl.dot``: K is tiny (< 16 rows) and fp32 must stay exact (no tf32).
 """
 from __future__ import annotations
 
@@ -32,9 +41,15 @@ import triton.language as tl
 _NEG = tl.constexpr(-1.0e30)  # finite "-inf" for masked logits (no inf - inf = NaN)
 _EPS = tl.constexpr(1e-9)  # squash epsilon, as the reference
 
-# register budget (elements of the u tile per program) for the resident / chunked paths
+# Tiling (elements of the u tile a program holds; tuned by compiling for sm_90 and reading
+# register counts, not yet by timings). Shared layout: the whole row stays in registers when it
+# has at most _RESIDENT_MAX elements (read from global memory once per kernel); otherwise, and
+# always for the per-position layout (whose (K, L, d) rows do not fit), chunks of at most
+# _CHUNK_MAX elements are streamed once per routing iteration. num_warps gives each thread
+# about _ELEMS_PER_THREAD elements of the tile.
 _RESIDENT_MAX = 8192
-_CHUNK_MAX = 4096
+_CHUNK_MAX = 2048
+_ELEMS_PER_THREAD = 16
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -213,14 +228,14 @@ def _squash_bwd(s, gv, PER_POS: tl.constexpr):
 
 @triton.jit
 def _opaque(x, L):
-    """x * 1 with a 1 the compiler cannot see through (L >= 1 here).
+    """x, through a select the compiler cannot see through (L >= 1 here).
 
     Applied to the register-resident u tile once per routing iteration so that it is a
     loop-carried value: otherwise the layout pass hoists a conversion of the whole tile out of
     the loop (a second, replicated copy of u in registers) instead of converting the small
     per-interest vectors inside it.
     """
-    return x * (L > 0).to(x.dtype)
+    return tl.where(L > 0, x, 0.0)
 
 
 @triton.jit
@@ -236,8 +251,9 @@ def _fwd_chunk(l0, ut, prev_slot, cur_slot, init_row, mask_row, v_prev, s_acc, m
                BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """One chunk of positions of routing iteration ``it``: logits update, then its share of s.
 
-    ONLINE (several chunks): running max / denominator with rescaling; else the chunk is the
-    whole row and (s_acc, m_run, den) are ignored on input.
+    ONLINE (several chunks): running max / denominator with rescaling, s_acc unnormalised;
+    else the chunk is the whole row, (s_acc, m_run, den) are ignored on input and the
+    returned s_acc is s.
     """
     l = l0 + ll
     mrow = _mask_row(mask_row, l0, ll, L)
@@ -260,10 +276,12 @@ def _fwd_chunk(l0, ut, prev_slot, cur_slot, init_row, mask_row, v_prev, s_acc, m
             s_acc = s_acc * alpha + _dot_l(e, ut, kk, PER_POS, BLOCK_K, BLOCK_D, ACC)
             m_run = m_new
         else:
+            # normalise before contracting: no per-interest scalar from a reduction over l
+            # meets a (K, d) tensor (that drags the layout of u along on the GPU)
             m_run = tl.max(x, axis=1, keep_dims=True)
             e = tl.where(live, tl.exp(x - m_run), 0.0)
             den = tl.sum(e, axis=1, keep_dims=True)
-            s_acc = _dot_l(e, ut, kk, PER_POS, BLOCK_K, BLOCK_D, ACC)
+            s_acc = _dot_l(e * _inv_den(den), ut, kk, PER_POS, BLOCK_K, BLOCK_D, ACC)
     else:
         c = _probs(bl, kvalid, mrow, m_run, den, False) * mrow.to(ACC)
         if ONLINE:
@@ -318,10 +336,10 @@ def _fwd_iterations(u_row, u_res, mask_row, init_row, blog_row, sall_row, mall_r
                     l0, ut, prev_slot, cur_slot, init_row, mask_row, v_prev, s_acc, m_run, den,
                     it, kk, ll, kvalid, L, HAS_INIT, SEQ_AXIS, PER_POS, True, ACC, BLOCK_K,
                     BLOCK_L, BLOCK_D)
+        s = s_acc
         if SEQ_AXIS:
-            s = s_acc * _inv_den(den)
-        else:
-            s = s_acc
+            if not ONE_CHUNK:
+                s = s_acc * _inv_den(den)
         v_prev = _squash(s, PER_POS)
         if SAVE_ALL:
             tl.store(sall_row + it * K * D + kd_off, s, mask=kd_msk)
@@ -330,6 +348,40 @@ def _fwd_iterations(u_row, u_res, mask_row, init_row, blog_row, sall_row, mall_r
                 tl.store(dall_row + it * K + kk, den, mask=kvalid)
         tl.debug_barrier()  # b of this iteration is re-read (maybe by other threads) next
     return s, v_prev, m_run, den, u_res
+
+
+@triton.jit
+def _bwd_chunk(l0, ut, blog_i, gb_in, gb_out, mask_row, gs, m_i, inv_i, g_v_next, ssum,
+               kk, ll, kvalid, L, SEQ_AXIS: tl.constexpr, PER_POS: tl.constexpr,
+               ONLINE: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One chunk of reverse iteration i: g_c = <g_s_i, u> (masked), softmax backward,
+    g_b_i = g_b_{i+1} + g_p stored to gb_out, and its share of g_v_{i-1} = sum_l g_b_i u.
+
+    Sequence axis with ONLINE (several chunks): gb_out gets G = g_b_{i+1} + p g_c and ssum the
+    row sums of p g_c; the caller finishes g_b_i = G - ssum p and g_v -= ssum s_i.
+    """
+    l = l0 + ll
+    mrow = _mask_row(mask_row, l0, ll, L)
+    kl_off = kk * L + l
+    kl_msk = kvalid & (l < L)
+    bl = tl.load(blog_i + kl_off, mask=kl_msk, other=0.0)
+    p = _probs(bl, kvalid, mrow, m_i, inv_i, SEQ_AXIS)
+    g_c = _dot_d(ut, gs, kk, PER_POS, BLOCK_K, BLOCK_L, ACC) * mrow.to(ACC)
+    # gradient w.r.t. b_{i+1} (slot T-1 is zeros: none after the last iteration)
+    g_b = tl.load(gb_in + kl_off, mask=kl_msk, other=0.0)
+    pg = p * g_c
+    if SEQ_AXIS:
+        if ONLINE:
+            ssum += tl.sum(pg, axis=1, keep_dims=True)
+            g_b = g_b + pg
+        else:
+            g_b = g_b + pg - p * tl.sum(pg, axis=1, keep_dims=True)
+    else:
+        g_b = g_b + pg - p * tl.sum(pg, axis=0, keep_dims=True)
+    tl.store(gb_out + kl_off, g_b, mask=kl_msk)
+    g_v_next += _dot_l(g_b, ut, kk, PER_POS, BLOCK_K, BLOCK_D, ACC)
+    return g_v_next, ssum
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -389,10 +441,11 @@ def _routing_bwd_kernel(gv_ptr, u_ptr, mask_ptr, init_ptr, c_ptr, s_ptr, gu_ptr,
     """One program per batch row b; grad_u (u's layout) is written exactly once.
 
     DETACH: grad_u = c_last * squash_bwd(s_last, grad_v) (u unused).
-    Else: recompute the forward saving b_i (B,T,K,L), s_i, v_i (B,T,K,D), max/den (B,T,K) in
-    scratch, run the reverse iterations (one pass over u per iteration but the first, g_c and
-    the next g_v sharing it) saving g_s_i (B,T,K,D) and g_b_{i+1} (B,T,K,L), then write
-    grad_u = sum_i c_i g_s_i + g_b_{i+1} v_i in one pass.
+    Else: recompute the forward saving b_i (B,T,K,L), s_i (B,T,K,D) and, on the sequence axis,
+    max/den (B,T,K) in scratch; run the reverse iterations T-1..1 (one pass over u each: g_c
+    and the next g_v share it) saving g_s_i (B,T,K,D) and g_b_{i+1} (B,T,K,L; slot T-1 zeros);
+    then write grad_u = sum_i c_i g_s_i + g_b_{i+1} squash(s_i) in one pass.
+    gv_ptr: (B, K, D); gu_ptr: u's layout, summed over k when shared.
     """
     b = tl.program_id(0).to(tl.int64)
     kk, ll, dd, lu, du = _indices(PER_POS, BLOCK_K, BLOCK_L, BLOCK_D)
@@ -449,45 +502,33 @@ def _routing_bwd_kernel(gv_ptr, u_ptr, mask_ptr, init_ptr, c_ptr, s_ptr, gu_ptr,
                 inv_i = m_i
             g_v_next = _zeros_kd(PER_POS, BLOCK_K, BLOCK_D, ACC)
             ssum = _zeros_k(PER_POS, BLOCK_K, ACC)
-            for l0 in range(0, L, BLOCK_L):
-                l = l0 + ll
-                mrow = _mask_row(mask_row, l0, ll, L)
-                kl_off = kk * L + l
-                kl_msk = kvalid & (l < L)
-                if ONE_CHUNK:
-                    ut = u_res
-                else:
-                    ut = _load_u(u_row, l0, kk, lu, du, K, L, D, sUk, sUl, PER_POS, ACC)
-                bl = tl.load(blog_row + i * KL + kl_off, mask=kl_msk, other=0.0)
-                p = _probs(bl, kvalid, mrow, m_i, inv_i, SEQ_AXIS)
-                g_c = _dot_d(ut, gs, kk, PER_POS, BLOCK_K, BLOCK_L, ACC) * mrow.to(ACC)
-                # gradient w.r.t. b_{i+1} (slot T-1 is zeros: none for the last iteration)
-                g_b = tl.load(gb_row + i * KL + kl_off, mask=kl_msk, other=0.0)
-                pg = p * g_c
-                if SEQ_AXIS:
-                    # softmax over l: finished once the row sum is known (below)
-                    ssum += tl.sum(pg, axis=1, keep_dims=True)
-                    g_b = g_b + pg
-                else:
-                    g_b = g_b + pg - p * tl.sum(pg, axis=0, keep_dims=True)
-                tl.store(gb_row + (i - 1) * KL + kl_off, g_b, mask=kl_msk)
-                g_v_next += _dot_l(g_b, ut, kk, PER_POS, BLOCK_K, BLOCK_D, ACC)
             if ONE_CHUNK:
+                g_v_next, ssum = _bwd_chunk(
+                    0, u_res, blog_row + i * KL, gb_row + i * KL, gb_row + (i - 1) * KL,
+                    mask_row, gs, m_i, inv_i, g_v_next, ssum, kk, ll, kvalid, L, SEQ_AXIS,
+                    PER_POS, False, ACC, BLOCK_K, BLOCK_L, BLOCK_D)
                 u_res = _opaque(u_res, L)
-            if SEQ_AXIS:
-                # g_b_i = G - ssum * p_i, and sum_l p_i u = s_i
-                g_v_next -= ssum * s_i
-                tl.debug_barrier()
+            else:
                 for l0 in range(0, L, BLOCK_L):
-                    l = l0 + ll
-                    mrow = _mask_row(mask_row, l0, ll, L)
-                    kl_off = kk * L + l
-                    kl_msk = kvalid & (l < L)
-                    bl = tl.load(blog_row + i * KL + kl_off, mask=kl_msk, other=0.0)
-                    p = _probs(bl, kvalid, mrow, m_i, inv_i, SEQ_AXIS)
-                    gbp = gb_row + (i - 1) * KL + kl_off
-                    g_b = tl.load(gbp, mask=kl_msk, other=0.0)
-                    tl.store(gbp, g_b - ssum * p, mask=kl_msk)
+                    ut = _load_u(u_row, l0, kk, lu, du, K, L, D, sUk, sUl, PER_POS, ACC)
+                    g_v_next, ssum = _bwd_chunk(
+                        l0, ut, blog_row + i * KL, gb_row + i * KL, gb_row + (i - 1) * KL,
+                        mask_row, gs, m_i, inv_i, g_v_next, ssum, kk, ll, kvalid, L, SEQ_AXIS,
+                        PER_POS, True, ACC, BLOCK_K, BLOCK_L, BLOCK_D)
+                if SEQ_AXIS:
+                    # g_b_i = G - ssum * p_i, and sum_l p_i u = s_i
+                    g_v_next -= ssum * s_i
+                    tl.debug_barrier()
+                    for l0 in range(0, L, BLOCK_L):
+                        l = l0 + ll
+                        mrow = _mask_row(mask_row, l0, ll, L)
+                        kl_off = kk * L + l
+                        kl_msk = kvalid & (l < L)
+                        bl = tl.load(blog_row + i * KL + kl_off, mask=kl_msk, other=0.0)
+                        p = _probs(bl, kvalid, mrow, m_i, inv_i, SEQ_AXIS)
+                        gbp = gb_row + (i - 1) * KL + kl_off
+                        g_b = tl.load(gbp, mask=kl_msk, other=0.0)
+                        tl.store(gbp, g_b - ssum * p, mask=kl_msk)
             tl.debug_barrier()
             g_v = g_v_next
         s_0 = tl.load(sall_row + kd_off, mask=kd_msk, other=0.0)
@@ -536,13 +577,13 @@ def _blocks(K: int, L: int, d: int, per_pos: bool, block_l: Optional[int]):
     full = triton.next_power_of_2(max(L, 1))
     if block_l is not None:  # testing hook: force a chunk size
         BL = min(triton.next_power_of_2(block_l), full)
-    elif full * per_l <= _RESIDENT_MAX:
+    elif not per_pos and full * per_l <= _RESIDENT_MAX:
         BL = full
     else:
         BL = max(1, min(full, _CHUNK_MAX // per_l))
     one = BL >= L
     elems = BL * per_l
-    num_warps = max(4, min(8, elems // 1024))
+    num_warps = max(4, min(16, elems // (32 * _ELEMS_PER_THREAD)))
     return BK, BL, BD, one, num_warps
 
 
@@ -574,12 +615,15 @@ def _routing_fwd(u: torch.Tensor, mask: torch.Tensor, init_logits: Optional[torc
     B, K, L, d, sUb, sUk, sUl = _layout(tuple(u.shape), num_interests, per_pos)
     acc = _acc_dtype(u.dtype)
     dev = u.device
-    v = torch.zeros(B, K, d, dtype=u.dtype, device=dev)
-    c_last = torch.zeros(B, K, L, dtype=acc, device=dev)
-    s_last = torch.zeros(B, K, d, dtype=acc, device=dev)
-    if B == 0 or L == 0 or d == 0 or K == 0:
-        return v, c_last, s_last
-    mask_u8 = mask.contiguous().view(torch.uint8)
+    if B == 0 or L == 0 or d == 0 or K == 0:  # nothing routed: zero interests
+        return (torch.zeros(B, K, d, dtype=u.dtype, device=dev),
+                torch.zeros(B, K, L, dtype=acc, device=dev),
+                torch.zeros(B, K, d, dtype=acc, device=dev))
+    # every element of the outputs is written by the kernel
+    v = torch.empty(B, K, d, dtype=u.dtype, device=dev)
+    c_last = torch.empty(B, K, L, dtype=acc, device=dev)
+    s_last = torch.empty(B, K, d, dtype=acc, device=dev)
+    mask_u8 = (mask if mask.dtype == torch.bool else mask != 0).contiguous().view(torch.uint8)
     has_init = init_logits is not None
     init = init_logits.detach().to(acc).contiguous() if has_init else c_last
     blog = torch.empty(B, 2, K, L, dtype=acc, device=dev)  # logits scratch (ping-pong)
@@ -597,9 +641,14 @@ def _routing_bwd(grad_v: torch.Tensor, u: Optional[torch.Tensor], mask: torch.Te
                  s_last: torch.Tensor, num_interests: int, iters: int, seq_axis: bool,
                  detach: bool, per_position: bool, *,
                  block_l: Optional[int] = None) -> torch.Tensor:
-    """Capsule routing backward: grad_u in u's layout ((B, L, d) summed over k, or (L, B, K, d))
-    and grad_v's dtype. detach=True needs only c_last/s_last (u may be None); detach=False
-    recomputes the forward from u (scratch of O(B*T*K*(L+d)) floats)."""
+    """Capsule routing backward.
+
+    grad_v: (B, K, d); u: as in ``_routing_fwd`` (None allowed when detach); c_last, s_last:
+    from the forward. Returns grad_u in u's layout ((B, L, d), summed over k, or (L, B, K, d))
+    and grad_v's dtype. detach=True: gradient through the last iteration's s only (c_last a
+    constant), u unused. detach=False: gradient through every iteration; the forward is
+    recomputed from u with 2*B*T*K*(L + d) (+ 2*B*T*K on the sequence axis) fp32 scratch.
+    """
     grad_v = grad_v.contiguous()
     B, K, d = grad_v.shape
     L = mask.shape[1]
@@ -612,10 +661,10 @@ def _routing_bwd(grad_v: torch.Tensor, u: Optional[torch.Tensor], mask: torch.Te
         u_shape = (B, L, d)
     _, _, _, _, sUb, sUk, sUl = _layout(u_shape, num_interests, per_pos)
     dev = grad_v.device
-    grad_u = torch.zeros(u_shape, dtype=grad_v.dtype, device=dev)
     if B == 0 or L == 0 or d == 0 or K == 0:
-        return grad_u
-    mask_u8 = mask.contiguous().view(torch.uint8)
+        return torch.zeros(u_shape, dtype=grad_v.dtype, device=dev)
+    grad_u = torch.empty(u_shape, dtype=grad_v.dtype, device=dev)  # fully written by the kernel
+    mask_u8 = (mask if mask.dtype == torch.bool else mask != 0).contiguous().view(torch.uint8)
     BK, BL, BD, one, nw = _blocks(K, L, d, per_pos, block_l)
     T = int(iters)
     if detach:
