@@ -52,5 +52,21 @@ inline void check_args(int64_t num_interests, int64_t iters) {
   TORCH_CHECK(iters >= 1, "iters must be >= 1, got ", iters);
 }
 
+// Layout of the u given to a backward (detach=false), checked against the sizes of grad_v/mask.
+inline Layout bwd_u_layout(const at::Tensor& u, bool per_position, int64_t B, int64_t K,
+                           int64_t L, int64_t d) {
+  check_inner_stride(u, "u");
+  TORCH_CHECK(u.dim() == (per_position ? 4 : 3), "u must be ",
+              per_position ? "(L, B, K, d) for per_position" : "(B, L, d) for shared",
+              ", got shape ", u.sizes());
+  Layout lo = u_layout(u, K);
+  if (per_position) {
+    SEQREC_FAST_CHECK_SHAPE(u, L, B, K, d);
+  } else {
+    SEQREC_FAST_CHECK_SHAPE(u, B, L, d);
+  }
+  return lo;
+}
+
 }  // namespace routing_binding
 }  // namespace seqrec_fast

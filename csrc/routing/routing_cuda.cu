@@ -31,6 +31,7 @@ namespace seqrec_fast {
 namespace {
 
 using routing_binding::check_args;
+using routing_binding::bwd_u_layout;
 using routing_binding::check_inner_stride;
 using routing_binding::Layout;
 using routing_binding::u_layout;
@@ -193,16 +194,7 @@ at::Tensor routing_bwd_cuda(const at::Tensor& grad_v_in, const std::optional<at:
     check_on(u, "u", dev);
     TORCH_CHECK(u.scalar_type() == st, "u must have grad_v's dtype ", st, ", got ",
                 u.scalar_type());
-    check_inner_stride(u, "u");
-    TORCH_CHECK(u.dim() == (per_position ? 4 : 3), "u must be ",
-                per_position ? "(L, B, K, d) for per_position" : "(B, L, d) for shared",
-                ", got shape ", u.sizes());
-    lo = u_layout(u, K);
-    if (per_position) {
-      SEQREC_FAST_CHECK_SHAPE(u, L, B, K, d);
-    } else {
-      SEQREC_FAST_CHECK_SHAPE(u, B, L, d);
-    }
+    lo = bwd_u_layout(u, per_position, B, K, L, d);
   }
   TORCH_CHECK(detach || have_u, "u is required when detach is false");
 
