@@ -320,7 +320,7 @@ def linear_cross_entropy(user: Tensor, items: Tensor, target: Tensor, *,
                          bias: Optional[Tensor] = None, temperature: float = 1.0,
                          ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, return_lse: bool = False,
-                         backend: str = "auto"):
+                         backend: str = "auto", process_group=None):
     """Softmax cross-entropy over the whole item catalog without a (B, N) logits tensor.
 
     Args:
@@ -335,6 +335,12 @@ def linear_cross_entropy(user: Tensor, items: Tensor, target: Tensor, *,
       label_smoothing: ε in [0, 1): loss = lse - (1-ε)·z_target - ε/N·Σ_j z_j (torch's).
       return_lse: also return lse (batch,) (fp32, fp64 for fp64 inputs; no gradient).
       backend: "auto" | "triton" | "cpp" | "eager" (env SEQREC_FAST_BACKEND overrides auto).
+      process_group: None, or a torch.distributed process group (``"default"``: the default
+        group) over which the catalog is sharded by rows: ``items`` (and ``bias``) are then this
+        rank's contiguous shard (rank order, see ``seqrec_fast.distributed.shard_rows``),
+        ``target`` holds global ids, and ``user``/``target`` must be identical on every rank.
+        The loss is the single-process loss over the whole catalog, on every rank; ``user``
+        gets its full gradient, the shard its own rows' (seqrec_fast/ops/_catalog_parallel.py).
 
     Returns: loss in user's dtype (scalar, or (batch,) for "none"); (loss, lse) with
     ``return_lse``. Raises TypeError / ValueError naming the bad argument.
@@ -350,11 +356,17 @@ def linear_cross_entropy(user: Tensor, items: Tensor, target: Tensor, *,
                                           hi_open=True)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _checks.choice("reduction", reduction, _REDUCTIONS)
+    _check_bool("return_lse", return_lse)
+    if process_group is not None:
+        from ._catalog_parallel import linear_cross_entropy_sharded
+
+        return linear_cross_entropy_sharded(user, items, target, bias, temperature, ignore_index,
+                                            reduction, label_smoothing, return_lse, backend,
+                                            process_group)
     if 0 <= ignore_index < N:
         raise ValueError(f"ignore_index={ignore_index} is a valid item id in [0, {N}); "
                          "use a negative value")
-    _checks.choice("reduction", reduction, _REDUCTIONS)
-    _check_bool("return_lse", return_lse)
     _check_range("target", target, N, allowed=ignore_index)
     be = _resolve(OP_LCE, backend, device, user.dtype)
     if be == "eager":
@@ -370,7 +382,7 @@ def linear_cross_entropy(user: Tensor, items: Tensor, target: Tensor, *,
 
 
 def _check_sampled(user, items, target, negatives, log_q, target_log_q, in_batch_negatives,
-                   remove_accidental_hits, temperature, reduction):
+                   remove_accidental_hits, temperature, reduction, check_ids=True):
     device, B, d, N = _check_user_items(user, items)
     _check_ids("target", target, (B,), device)
     _check_ids("negatives", negatives, None, device)
@@ -397,8 +409,9 @@ def _check_sampled(user, items, target, negatives, log_q, target_log_q, in_batch
     _check_bool("remove_accidental_hits", remove_accidental_hits)
     temperature = _check_float_scalar("temperature", temperature, lo=0.0, lo_open=True)
     _checks.choice("reduction", reduction, _REDUCTIONS)
-    _check_range("target", target, N)
-    _check_range("negatives", negatives, N)
+    if check_ids:   # sharded catalogs check against the global size
+        _check_range("target", target, N)
+        _check_range("negatives", negatives, N)
     return device, temperature
 
 
@@ -406,7 +419,7 @@ def sampled_softmax_loss(user: Tensor, items: Tensor, target: Tensor, negatives:
                          log_q: Optional[Tensor] = None, target_log_q: Optional[Tensor] = None,
                          in_batch_negatives: bool = True, remove_accidental_hits: bool = True,
                          temperature: float = 1.0, reduction: str = "mean",
-                         backend: str = "auto") -> Tensor:
+                         backend: str = "auto", process_group=None) -> Tensor:
     """Sampled softmax: each row's positive against sampled (and in-batch) negatives.
 
     Args:
@@ -428,12 +441,25 @@ def sampled_softmax_loss(user: Tensor, items: Tensor, target: Tensor, negatives:
       temperature: > 0; logit = user·item / temperature - logQ.
       reduction: "mean" | "sum" | "none".
       backend: "auto" | "triton" | "cpp" | "eager".
+      process_group: None, or a torch.distributed process group (``"default"``) over which the
+        catalog is sharded by rows (as in ``linear_cross_entropy``): ``items`` is this rank's
+        shard, ids are global, and ``user``/``target``/``negatives``/``log_q``/``target_log_q``
+        are identical on every rank. Each rank contributes the candidate rows it owns to one
+        all-reduce of the (U, d) candidate table (U = distinct target/negative ids); the loss
+        and the user gradient are then those of the single-process op on every rank.
 
     Returns the loss in user's dtype. ``log_q``/``target_log_q`` get no gradient.
     """
     device, temperature = _check_sampled(user, items, target, negatives, log_q, target_log_q,
                                          in_batch_negatives, remove_accidental_hits,
-                                         temperature, reduction)
+                                         temperature, reduction,
+                                         check_ids=process_group is None)
+    if process_group is not None:
+        from ._catalog_parallel import sampled_softmax_sharded
+
+        return sampled_softmax_sharded(user, items, target, negatives, log_q, target_log_q,
+                                       in_batch_negatives, remove_accidental_hits, temperature,
+                                       reduction, backend, process_group)
     be = _resolve(OP_SAMPLED, backend, device, user.dtype)
     if be == "eager":
         return sampled_softmax_ref(user, items, target, negatives,
