@@ -41,6 +41,139 @@ def test_recbole(tmp_path):
         assert inter.time.tolist() == [100, 101, 99]
 
 
+def test_recbole_integer_tokens_unchanged(tmp_path):
+    p = _write(tmp_path, "ml.inter", "user_id:token\titem_id:token\ttimestamp:float\n"
+               "7\t-3\t1\n007\t12\t2\n8\t0\t3\n")
+    inter = load_recbole(p)
+    assert inter.user.tolist() == [7, 7, 8] and inter.item.tolist() == [-3, 12, 0]
+    assert inter.user.dtype == np.int64 and inter.item.dtype == np.int64
+    assert inter.user_tokens is None and inter.item_tokens is None
+    assert preprocess(inter, k_core=0).item_tokens is None
+
+
+def test_recbole_string_tokens(tmp_path, caplog):
+    p = _write(tmp_path, "amz.inter",
+               "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+               "A2X\tB000GFDAUG\t5\t30\n"
+               "A1Y\t0545010225\t4\t10\n"
+               "A2X\t0545010225\t3\t20\n"
+               "A3Z\t12\t1\t5\n")
+    with caplog.at_level(logging.INFO, logger="seqrec_fast.data"):
+        inter = load_interactions(p)
+    assert "remapped 3 distinct 'user_id' token(s)" in caplog.text
+    assert "remapped 3 distinct 'item_id' token(s)" in caplog.text
+    # sorted vocabularies; a numeric-looking token in a string column stays a string token
+    assert inter.user_tokens.tolist() == ["A1Y", "A2X", "A3Z"]
+    assert inter.item_tokens.tolist() == ["0545010225", "12", "B000GFDAUG"]
+    assert inter.user.tolist() == [1, 0, 1, 2] and inter.item.tolist() == [2, 0, 0, 1]
+    assert inter.user.dtype == np.int64 and inter.item.dtype == np.int64
+    assert inter.time.tolist() == [30, 10, 20, 5]
+    # only the string column is remapped; the integer one keeps its ids
+    q = _write(tmp_path, "mixed.inter", "user_id:token\titem_id:token\n5\tB01\n9\tA07\n")
+    mixed = load_recbole(q)
+    assert mixed.user.tolist() == [5, 9] and mixed.user_tokens is None
+    assert mixed.item_tokens[mixed.item].tolist() == ["B01", "A07"]
+
+
+def _token_log(n_users=60, n_items=40, length=10, seed=0):
+    """A RecBole log with string tokens in shuffled row order, unique times per user, and a few
+    rare items that the 5-core filter removes. Returns the file text and the rows."""
+    rng = np.random.default_rng(seed)
+    asins = [f"B{rng.integers(10**8, 10**9)}X" for _ in range(n_items)]
+    rows = []
+    for u in range(n_users):
+        items = rng.choice(asins, size=length)
+        times = rng.permutation(length) * 10 + 1000 * u
+        rows += [(f"user-{u:03d}", it, float(t)) for it, t in zip(items, times)]
+    rows += [("user-000", "RARE-ONE", 1.0), ("user-001", "RARE-TWO", 2.0)]
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    text = "user_id:token\titem_id:token\ttimestamp:float\n" + "".join(
+        f"{u}\t{i}\t{t}\n" for u, i, t in rows)
+    return text, rows
+
+
+def _expected_sequences(rows, k):
+    """Independent k-core (pure Python) -> {user token: item tokens in time order}."""
+    kept = list(rows)
+    while True:
+        uc, ic = {}, {}
+        for u, i, _ in kept:
+            uc[u] = uc.get(u, 0) + 1
+            ic[i] = ic.get(i, 0) + 1
+        nxt = [r for r in kept if uc[r[0]] >= k and ic[r[1]] >= k]
+        if len(nxt) == len(kept):
+            break
+        kept = nxt
+    seqs = {}
+    for u, i, t in sorted(kept, key=lambda r: (r[0], r[2])):
+        seqs.setdefault(u, []).append(i)
+    return seqs
+
+
+@pytest.mark.parametrize("split", ["user", "leave_last_out"])
+def test_recbole_string_tokens_survive_preprocessing_and_cache(tmp_path, split):
+    text, rows = _token_log()
+    p = _write(tmp_path, "amz.inter", text)
+    a = load_dataset(p, cache_dir=tmp_path / "cache", k_core=5, split=split)
+    b = load_dataset(p, cache_dir=tmp_path / "cache", k_core=5, split=split)   # from the cache
+    expected = _expected_sequences(rows, 5)
+    kept_items = {i for seq in expected.values() for i in seq}
+    assert "RARE-ONE" not in kept_items and "RARE-TWO" not in kept_items
+    for ds in (a, b):
+        tok = ds.item_tokens
+        assert tok is not None and tok.shape == (ds.n_items,) and tok.dtype.kind == "U"
+        assert tok[0] == "" and sorted(tok[1:].tolist()) == sorted(kept_items)
+        # every user's sequence, mapped back through the tokens, is that user's time-ordered
+        # item tokens in the file (users are anonymous after the split: compare as multisets)
+        got = [tuple(tok[ds.train_items[x:y]]) for x, y in
+               zip(ds.train_indptr[:-1], ds.train_indptr[1:])]
+        if split == "user":
+            for s in (ds.valid, ds.test):
+                for r in range(s.n_users):
+                    got.append(tuple(tok[np.concatenate([
+                        s.hist_items[s.hist_indptr[r]:s.hist_indptr[r + 1]],
+                        s.tgt_items[s.tgt_indptr[r]:s.tgt_indptr[r + 1]]])]))
+            want = [tuple(seq) for seq in expected.values()]
+        else:   # every user; the last item of a test history + its target complete the sequence
+            got = [tuple(tok[np.concatenate([
+                ds.test.hist_items[ds.test.hist_indptr[r]:ds.test.hist_indptr[r + 1]],
+                ds.test.tgt_items[ds.test.tgt_indptr[r]:ds.test.tgt_indptr[r + 1]]])])
+                for r in range(ds.test.n_users)]
+            want = [tuple(seq) for seq in expected.values() if len(seq) >= 3]
+        assert sorted(got) == sorted(want)
+        # popularity ids: item_counts[i] counts the token tok[i] in the training sequences
+        train_tokens = tok[ds.train_items].tolist()
+        for i in range(1, ds.n_items):
+            assert ds.item_counts[i] == train_tokens.count(tok[i])
+    np.testing.assert_array_equal(a.item_tokens, b.item_tokens)
+    np.testing.assert_array_equal(a.train_items, b.train_items)
+
+
+def test_item_tokens_in_preprocess_directly():
+    # tokens "c" (3 interactions) > "a" (2) > "b" (1): popularity ids 1, 2, 3
+    inter = Interactions(np.zeros(6, dtype=np.int64), np.array([2, 0, 2, 1, 0, 2]),
+                         np.arange(6.0), item_tokens=np.array(["a", "b", "c"]))
+    ds = preprocess(inter, k_core=0, ratios=(1, 0, 0))
+    assert ds.item_tokens.tolist() == ["", "c", "a", "b"]
+    assert ds.item_tokens[ds.train_items].tolist() == ["c", "a", "c", "b", "a", "c"]
+    with pytest.raises(ValueError, match="item_tokens"):
+        Interactions(np.zeros(2, dtype=np.int64), np.array([0, 3]), np.zeros(2),
+                     item_tokens=np.array(["a", "b"]))
+
+
+@pytest.mark.parametrize("text, match", [
+    ("user_id:token\titem_id:token\ntom\tB01\nann\t\n", "'item_id'.*empty token.*line 3"),
+    ("user_id:token\titem_id:token\n\tB01\n5\tB02\n", "'user_id'.*empty token.*line 2"),
+    ("user_id:token\tasin:token\ttimestamp:float\ntom\tB01\t1\n", "missing column.*item_id"),
+    ("uid:token\titem_id:token\ntom\tB01\n", "missing column.*user_id"),
+    ("user_id:token\titem_id:token\ttimestamp:float\ntom\tB01\tnoon\n", "timestamp.*numbers"),
+])
+def test_recbole_bad_tokens(tmp_path, text, match):
+    p = _write(tmp_path, "bad.inter", text)
+    with pytest.raises(ValueError, match=match):
+        load_recbole(p)
+
+
 def test_comirec(tmp_path):
     p = _write(tmp_path, "book.txt", "0,5,2,1000\n0,6,3,1001\n1,5,2,999\n")
     for inter in (load_comirec(p), load_interactions(p, "comirec")):

@@ -2,7 +2,9 @@
 
 Every loader returns an :class:`Interactions` (three aligned 1-D numpy arrays: user and item ids
 as int64, timestamps as float64). Bad input raises ``ValueError`` naming the file, the column and
-the first offending line; rows that are skipped (blank lines) are counted in the log.
+the first offending line; rows that are skipped (blank lines) are counted in the log. RecBole
+files may hold string tokens as ids: they are remapped to integers and the token vocabulary is
+kept on the :class:`Interactions` (``user_tokens`` / ``item_tokens``).
 """
 from __future__ import annotations
 
@@ -22,11 +24,17 @@ FORMATS = ("auto", "csv", "tsv", "recbole", "comirec", "parquet")
 @dataclass
 class Interactions:
     """Raw interaction log. user: (n,) int64; item: (n,) int64; time: (n,) float64;
-    category: (n,) int64 or None (ComiRec files carry one per interaction)."""
+    category: (n,) int64 or None (ComiRec files carry one per interaction).
+
+    user_tokens / item_tokens: (n_tokens,) str arrays or None. When set, the ids in ``user`` /
+    ``item`` were remapped from string tokens and index into them: the token of raw item id j is
+    ``item_tokens[j]`` (RecBole files with non-integer tokens; None for integer ids)."""
     user: np.ndarray
     item: np.ndarray
     time: np.ndarray
     category: Optional[np.ndarray] = None
+    user_tokens: Optional[np.ndarray] = None
+    item_tokens: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(self.user.shape[0])
@@ -38,6 +46,17 @@ class Interactions:
                 raise ValueError(f"{name} must have shape ({n},), got {getattr(self, name).shape}")
         if self.category is not None and self.category.shape != (n,):
             raise ValueError(f"category must have shape ({n},), got {self.category.shape}")
+        for name, ids in (("user_tokens", self.user), ("item_tokens", self.item)):
+            tok = getattr(self, name)
+            if tok is None:
+                continue
+            tok = np.asarray(tok)
+            if tok.ndim != 1:
+                raise ValueError(f"{name} must be 1-D, got shape {tok.shape}")
+            if n and (ids.min() < 0 or ids.max() >= tok.shape[0]):
+                raise ValueError(f"{name} has {tok.shape[0]} entries but the ids range over "
+                                 f"[{ids.min()}, {ids.max()}]")
+            setattr(self, name, tok.astype(str))
 
 
 def _check_path(path) -> str:
@@ -64,6 +83,23 @@ def _to_int(values: Sequence[str], column: str, path: str, first_line: int) -> n
             raise ValueError(f"{path}: column {column!r} must hold integer ids, got {v!r} on "
                              f"line {first_line + i}") from None
     raise ValueError(f"{path}: column {column!r} could not be read as int64")
+
+
+def _to_ids(values: Sequence[str], column: str, path: str, first_line: int):
+    """Token column -> (int64 ids, tokens or None). A column whose every value is an int64 keeps
+    those integers as ids (tokens None); otherwise every value is a string token and the ids are
+    the positions of the tokens in their sorted vocabulary (tokens: (n_tokens,) str)."""
+    for i, v in enumerate(values):
+        if v == "":
+            raise ValueError(f"{path}: column {column!r} has an empty token on line "
+                             f"{first_line + i}")
+    arr = np.asarray(values)
+    try:
+        return arr.astype(np.int64), None
+    except (ValueError, OverflowError):
+        pass
+    tokens, ids = np.unique(arr, return_inverse=True)
+    return ids.reshape(-1).astype(np.int64), tokens
 
 
 def _to_float(values: Sequence[str], column: str, path: str, first_line: int) -> np.ndarray:
@@ -154,8 +190,18 @@ def load_csv(path, *, user_col: str = "user_id", item_col: str = "item_id",
 def load_recbole(path, *, user_field: str = "user_id", item_field: str = "item_id",
                  time_field: Optional[str] = "timestamp") -> Interactions:
     """RecBole atomic ``.inter`` file: tab-separated, header ``name:type`` (e.g.
-    ``user_id:token  item_id:token  rating:float  timestamp:float``). Token ids must be integers
-    (remapping string tokens is not supported: ValueError naming the line)."""
+    ``user_id:token  item_id:token  rating:float  timestamp:float``).
+
+    ``:token`` fields are strings in RecBole. Each of the user and item fields is read on its
+    own: when every value is an integer (ml-1m) the integers are the ids, unchanged, and the
+    matching ``*_tokens`` is None; otherwise (e.g. Amazon ASINs such as ``B000GFDAUG``) the
+    field's tokens are remapped to dense ids 0..T-1 in sorted token order (deterministic, not
+    dependent on the row order) and the vocabulary is kept as ``Interactions.user_tokens`` /
+    ``item_tokens`` (``item_tokens[id]`` is the token). :func:`~seqrec_fast.data.preprocess`
+    carries the item tokens over to ``Dataset.item_tokens`` (indexed by the final, popularity
+    sorted item id, "" for padding), and the .npz cache keeps them. The number of distinct
+    tokens remapped is logged. An empty token or a missing field is a ValueError naming the
+    field (and the line)."""
     path = _check_path(path)
     cols, rows, first = _read_table(path, "\t", True, None)
     names = [c.split(":", 1)[0] for c in cols]
@@ -166,12 +212,15 @@ def load_recbole(path, *, user_field: str = "user_id", item_field: str = "item_i
     if time_field is not None:
         wanted["time"] = time_field
     vals = _columns(path, names, rows, first, wanted)
-    user = _to_int(vals["user"], user_field, path, first)
-    item = _to_int(vals["item"], item_field, path, first)
+    user, user_tokens = _to_ids(vals["user"], user_field, path, first)
+    item, item_tokens = _to_ids(vals["item"], item_field, path, first)
     time = (_to_float(vals["time"], time_field, path, first) if time_field is not None
             else np.arange(len(user), dtype=np.float64))
+    for field, tok in ((user_field, user_tokens), (item_field, item_tokens)):
+        if tok is not None:
+            log.info("%s: remapped %d distinct %r token(s) to integer ids", path, len(tok), field)
     log.info("%s: loaded %d interactions (RecBole)", path, len(user))
-    return Interactions(user, item, time)
+    return Interactions(user, item, time, user_tokens=user_tokens, item_tokens=item_tokens)
 
 
 def load_comirec(path) -> Interactions:

@@ -47,6 +47,8 @@ class Dataset:
     train_indptr: (U_train+1,) and train_items: (nnz,) the time-ordered training sequences.
     valid / test: EvalSplit. item_counts: (n_items,) training frequency (0 for padding).
     item_category: (n_items,) int64 category / planted cluster, -1 unknown (or None).
+    item_tokens: (n_items,) str, the source token of each item id ("" for padding 0), when the
+    source file had string item tokens (RecBole; see ``load_recbole``), else None.
     """
     n_items: int
     train_indptr: np.ndarray
@@ -56,6 +58,7 @@ class Dataset:
     item_counts: np.ndarray
     item_category: Optional[np.ndarray] = None
     meta: dict = field(default_factory=dict)
+    item_tokens: Optional[np.ndarray] = None
 
     @property
     def n_train_users(self) -> int:
@@ -78,6 +81,8 @@ class Dataset:
                 arrays[f"{name}_{k}"] = getattr(s, k)
         if self.item_category is not None:
             arrays["item_category"] = self.item_category
+        if self.item_tokens is not None:
+            arrays["item_tokens"] = np.asarray(self.item_tokens).astype(str)  # no pickling
         tmp = os.fspath(path) + ".tmp.npz"
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
@@ -92,7 +97,8 @@ class Dataset:
         return cls(int(z["n_items"]), z["train_indptr"], z["train_items"], splits["valid"],
                    splits["test"], z["item_counts"],
                    z["item_category"] if "item_category" in z.files else None,
-                   json.loads(bytes(z["meta"]).decode()))
+                   json.loads(bytes(z["meta"]).decode()),
+                   z["item_tokens"] if "item_tokens" in z.files else None)
 
 
 def kcore(user: np.ndarray, item: np.ndarray, k: int):
@@ -149,6 +155,9 @@ def preprocess(inter: Interactions, *, k_core: int = 5, split: str = "user",
     each user (stable; users whose file order was not time order are counted); k-core filtering
     drops users/items with fewer than ``k_core`` interactions (iteratively); evaluation users with
     fewer than 2 interactions are dropped (nothing to predict).
+
+    When ``inter.item_tokens`` is set (string item tokens), the result's ``item_tokens[i]`` is
+    the token of final item id i; popularity ties are then broken by token order.
     """
     if not isinstance(inter, Interactions):
         raise TypeError(f"inter must be an Interactions, got {type(inter).__name__}")
@@ -246,7 +255,12 @@ def preprocess(inter: Interactions, *, k_core: int = 5, split: str = "user",
     m = {"k_core": k_core, "split": split, "ratios": list(ratios), "seed": seed,
          "n_raw_users": n_users}
     m.update(meta or {})
-    ds = Dataset(n_items, tr[0], tr[1], valid, test, item_counts, item_category, m)
+    item_tokens = None
+    if inter.item_tokens is not None:
+        tok = np.asarray(inter.item_tokens).astype(str)
+        item_tokens = np.zeros(n_items, dtype=tok.dtype)      # "" for padding 0
+        item_tokens[rank] = tok[iids]
+    ds = Dataset(n_items, tr[0], tr[1], valid, test, item_counts, item_category, m, item_tokens)
     log.info("dataset: %s", ds.summary())
     return ds
 
