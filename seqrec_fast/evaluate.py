@@ -286,14 +286,28 @@ def evaluate(model, split, *, max_len: int, padding: str = "right", ks: Sequence
              batch_size: int = 512, retriever: str = "auto", device=None,
              max_users: Optional[int] = None, index: str = "flat", nlist: Optional[int] = None,
              nprobe: Optional[int] = None, hnsw_m: int = 32,
-             ef_search: int = 128) -> Dict[str, float]:
+             ef_search: int = 128, process_group=None) -> Dict[str, float]:
     """Evaluate ``model`` (``user_embeddings(history, mask) -> (B, K, d)``,
     ``item_embeddings() -> (N, d)``) on an EvalSplit. Returns {"recall@k", "ndcg@k",
     "hitrate@k"} averaged over the split's users (the first ``max_users`` when given).
     ``retriever`` is the :class:`Retriever` method; ``index``, ``nlist``, ``nprobe``, ``hnsw_m``,
-    ``ef_search`` go to :class:`Retriever` (approximate faiss indexes; "flat" = exact)."""
+    ``ef_search`` go to :class:`Retriever` (approximate faiss indexes; "flat" = exact).
+
+    process_group: None, or a torch.distributed group (``"default"``) whose ranks each evaluate
+    a contiguous share of the users (the model replicated on every rank); the per-user sums are
+    all-reduced, so every rank returns the single-process result."""
     if not isinstance(ks, (list, tuple)) or not ks:
         raise ValueError(f"ks must be a non-empty list of ints, got {ks!r}")
+    if max_users is not None and (isinstance(max_users, bool) or not isinstance(max_users, int)
+                                  or max_users < 1):
+        raise ValueError(f"max_users must be a positive int or None, got {max_users!r}")
+    n_users = split.n_users if max_users is None else min(split.n_users, max_users)
+    group, rank, world = None, 0, 1
+    if process_group is not None:
+        from .distributed import check_group
+
+        group, rank, world = check_group(process_group)
+    lo, hi = rank * n_users // world, (rank + 1) * n_users // world
     was_training = model.training
     model.eval()
     try:
@@ -302,18 +316,30 @@ def evaluate(model, split, *, max_len: int, padding: str = "right", ks: Sequence
         ret = Retriever(model.item_embeddings(), retriever, index=index, nlist=nlist,
                         nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search)
         topn = max(ks)
-        parts, seen = [], 0
+        parts = []
         for hist, mask, ptr, tgt in eval_batches(split, max_len=max_len, padding=padding,
-                                                 batch_size=batch_size, device=device):
-            if max_users is not None and seen >= max_users:
-                break
+                                                 batch_size=batch_size, device=device,
+                                                 start=lo, stop=hi):
             ue = model.user_embeddings(hist, mask)
             recs, _ = ret.recommend(ue, topn)
             parts.append(per_user_metrics(recs, ptr, tgt, ks))
-            seen += hist.shape[0]
     finally:
         model.train(was_training)
-    return aggregate(parts)
+    if world == 1:
+        return aggregate(parts)
+    import torch.distributed as dist
+
+    names = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg", "hitrate")]
+    sums = torch.zeros(len(names) + 1, dtype=torch.float64)
+    for p in parts:
+        sums[0] += p[names[0]].shape[0]
+        for i, name in enumerate(names):
+            sums[i + 1] += float(p[name].sum())
+    if dist.get_backend(group) == "nccl":
+        sums = sums.to(device)
+    dist.all_reduce(sums, group=group)
+    sums = sums.cpu()
+    return {name: float(sums[i + 1]) / max(float(sums[0]), 1.0) for i, name in enumerate(names)}
 
 
 def evaluate_popularity(item_counts, split, ks: Sequence[int] = (20, 50)) -> Dict[str, float]:

@@ -48,21 +48,32 @@ class TrainSampler:
     """Infinite iterator of training batches ``{"history": (B, L) int64, "mask": (B, L) bool,
     "target": (B,) int64, "user": (B,) int64}`` on ``device``.
 
+    Data parallel (``world_size`` > 1): every rank holds the same generator state and draws the
+    same global batch of ``world_size · batch_size`` (user, position) pairs; rank r keeps rows
+    ``[r·B, (r+1)·B)`` and builds only their histories. The ranks thus train on disjoint parts
+    of one draw, and W ranks together see exactly the batch one process with batch W·B would
+    (the generator state, what checkpoints save, does not depend on the world size).
+
     indptr: (U+1,) int64 and items: (nnz,) int64 (numpy or torch) — the training sequences.
     generator: a torch.Generator on ``device`` (its state is what checkpoints save).
     """
 
     def __init__(self, indptr, items, *, batch_size: int = 128, max_len: int = 20,
                  min_pos: int = 4, padding: str = "right", device="cpu",
-                 generator: Optional[torch.Generator] = None, seed: int = 0):
+                 generator: Optional[torch.Generator] = None, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
         for name, v, lo in (("batch_size", batch_size, 1), ("max_len", max_len, 1),
-                            ("min_pos", min_pos, 1)):
+                            ("min_pos", min_pos, 1), ("world_size", world_size, 1),
+                            ("rank", rank, 0)):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"{name} must be an int, got {type(v).__name__}")
             if v < lo:
                 raise ValueError(f"{name} must be >= {lo}, got {v}")
         if padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        if rank >= world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.indptr = torch.as_tensor(np.asarray(indptr), dtype=torch.int64).to(self.device)
         self.items = torch.as_tensor(np.asarray(items), dtype=torch.int64).to(self.device)
@@ -82,11 +93,13 @@ class TrainSampler:
     def sample(self) -> dict:
         """One batch (see the class doc)."""
         g, B = self.generator, self.batch_size
-        pick = torch.randint(0, self.users.numel(), (B,), generator=g, device=self.device)
+        G = B * self.world_size            # the global batch every rank draws identically
+        rows = slice(self.rank * B, (self.rank + 1) * B)
+        pick = torch.randint(0, self.users.numel(), (G,), generator=g, device=self.device)[rows]
         user = self.users[pick]
         n = self.lens[user]
         # k uniform in [min_pos, n-1]
-        k = self.min_pos + (torch.rand(B, generator=g, device=self.device)
+        k = self.min_pos + (torch.rand(G, generator=g, device=self.device)[rows]
                             * (n - self.min_pos).to(torch.float32)).long()
         k = torch.minimum(k, n - 1)
         target = self.items[self.indptr[user] + k]
@@ -117,15 +130,16 @@ class TrainSampler:
 
 
 def eval_batches(split, *, max_len: int, padding: str = "right", batch_size: int = 1024,
-                 device="cpu"):
+                 device="cpu", start: int = 0, stop: Optional[int] = None):
     """Yield (history (b, L), mask (b, L), tgt_indptr (b+1,), tgt_items) chunks of an EvalSplit:
-    the last ``max_len`` items of each held-out history, padded as in training."""
+    the last ``max_len`` items of each held-out history, padded as in training. Users
+    ``[start, stop)`` only (default: all)."""
     hp = torch.as_tensor(split.hist_indptr, dtype=torch.int64, device=device)
     hi = torch.as_tensor(split.hist_items, dtype=torch.int64, device=device)
     tp = np.asarray(split.tgt_indptr)
     ti = torch.as_tensor(split.tgt_items, dtype=torch.int64, device=device)
-    U = split.n_users
-    for s in range(0, U, batch_size):
+    U = split.n_users if stop is None else min(stop, split.n_users)
+    for s in range(start, U, batch_size):
         rows = torch.arange(s, min(U, s + batch_size), device=device)
         end = hp[rows + 1] - hp[rows]
         hist, mask = pad_histories(hp, hi, rows, end, max_len, padding)
