@@ -3,7 +3,8 @@
   seqrec-fast train --model comirec-dr --data synthetic          # the CPU demo (~1 minute)
   seqrec-fast train --model mind --data log.csv --loss full --steps 20000 --device cuda --bf16
   seqrec-fast train --out-dir runs/dr --resume                   # continue from runs/dr/last.pt
-  seqrec-fast evaluate runs/dr/best.pt --split test
+  seqrec-fast evaluate runs/dr/best.pt --split test --faiss-index ivf
+  torchrun --nproc_per_node 4 -m seqrec_fast train --model comirec-sa --data log.csv   # DDP
   seqrec-fast plot runs/comirec-dr runs/youtubednn --out plots   # t-SNE + curves (needs [plot])
 """
 from __future__ import annotations
@@ -24,6 +25,16 @@ def _bool(s: str) -> bool:
     if s.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
+
+
+def _add_index_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--faiss-index", default="flat", choices=["flat", "ivf", "hnsw"],
+                   help="faiss retrieval index: exact flat (default) or approximate ivf / hnsw")
+    p.add_argument("--faiss-nlist", type=int, default=None, help="ivf lists (default 4*sqrt(n))")
+    p.add_argument("--faiss-nprobe", type=int, default=None,
+                   help="ivf lists probed (default max(8, nlist/8))")
+    p.add_argument("--faiss-hnsw-m", type=int, default=32, help="hnsw neighbours per node")
+    p.add_argument("--faiss-ef-search", type=int, default=128, help="hnsw search breadth")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -67,6 +78,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--backend", default=d.backend, choices=["auto", "triton", "cuda", "cpp", "eager"])
     p.add_argument("--retriever", default=d.retriever, choices=["auto", "torch", "faiss"])
+    _add_index_args(p)
+    p.add_argument("--dist-timeout", type=float, default=d.dist_timeout,
+                   help="under torchrun: seconds a collective waits for a silent rank")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out-dir", default=None, help="default runs/<model>")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/last.pt")
@@ -85,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=["valid", "test"])
     ev.add_argument("--device", default="auto")
     ev.add_argument("--retriever", default="auto", choices=["auto", "torch", "faiss"])
+    _add_index_args(ev)
     pl = sub.add_parser("plot", help="t-SNE of item embeddings by category and training curves "
                                      "(PNG; needs matplotlib and scikit-learn)")
     pl.add_argument("runs", nargs="+", help="run folder(s) written by train")
@@ -114,9 +129,15 @@ def _config_from_args(a) -> _train.TrainConfig:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    import os
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    rank = os.environ.get("RANK", "0")
+    level = logging.DEBUG if args.verbose else logging.INFO
+    if rank not in ("", "0") and not args.verbose:
+        level = logging.WARNING          # under torchrun, rank 0 speaks for the run
+    logging.basicConfig(level=level, format=(f"[rank {rank}] " if rank not in ("", "0") else "")
+                        + "%(levelname)s %(name)s: %(message)s")
     if args.command == "train":
         import torch
 
@@ -128,6 +149,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"seqrec-fast: error: {exc}", file=sys.stderr)
             return 2
         res = _train.train(cfg)
+        if res["rank"] != 0:
+            return 0
         print(f"\n{res['step']} steps at {res['steps_per_s']:.1f} steps/s, best valid recall@50 "
               f"{res['best_valid']:.4f}; outputs in {res['out_dir']}\n")
         print(res["table"])
@@ -135,7 +158,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "evaluate":
         from .metrics import format_table
 
-        m = _train.evaluate_checkpoint(args.checkpoint, args.split, args.device, args.retriever)
+        m = _train.evaluate_checkpoint(args.checkpoint, args.split, args.device, args.retriever,
+                                       args.faiss_index, args.faiss_nlist, args.faiss_nprobe,
+                                       args.faiss_hnsw_m, args.faiss_ef_search)
         print(format_table({f"{args.checkpoint} ({args.split})": m}))
         return 0
     if args.command == "plot":

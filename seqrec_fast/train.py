@@ -1,5 +1,11 @@
 """Training loop (Python API): ``train(TrainConfig(...))`` or ``train(model="comirec-dr", ...)``.
 
+Data parallel: under ``torchrun --nproc_per_node N`` (or when the default process group is
+already initialized) every rank trains a DistributedDataParallel replica on its own rows of
+each global batch (``batch_size`` is per rank), validation and test users are split between the
+ranks and the metrics all-reduced, and only rank 0 writes files (checkpoints hold the unwrapped
+model, so they load on any world size, a single process included).
+
 Writes to ``out_dir``: ``config.json``, ``metrics.jsonl`` (one JSON record per validation and the
 final test), ``last.pt`` (resumable: model, optimizers, RNG states, counters), ``best.pt`` (best
 validation Recall@50), ``item_emb.npy`` (n_items, d), ``user_emb_test.npy`` (U_test, K, d),
@@ -20,6 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from . import distributed as _dist
 from .data import TrainSampler, eval_batches, load_dataset
 from .evaluate import Retriever, evaluate, evaluate_popularity, faiss_available
 from .metrics import format_table
@@ -70,6 +77,12 @@ class TrainConfig:
     seed: int = 0
     backend: str = "auto"
     retriever: str = "auto"
+    faiss_index: str = "flat"             # flat (exact) | ivf | hnsw (see evaluate.Retriever)
+    faiss_nlist: Optional[int] = None
+    faiss_nprobe: Optional[int] = None
+    faiss_hnsw_m: int = 32
+    faiss_ef_search: int = 128
+    dist_timeout: float = 600.0           # seconds a collective waits for a silent rank
     out_dir: Optional[str] = None         # default runs/<model>
     resume: bool = False
     export: bool = True
@@ -117,16 +130,20 @@ def _dataset(cfg: TrainConfig):
                         k_core=cfg.k_core, split=cfg.split)
 
 
-def _eval(model, split, cfg, device, max_users=None):
+def _eval(model, split, cfg, device, max_users=None, distributed=False):
     """Evaluation with a fixed generator (MIND's random logits) so that it leaves the training
-    RNG streams untouched and gives the same numbers every time."""
+    RNG streams untouched and gives the same numbers every time. ``distributed``: users split
+    over the ranks of the default group, metrics all-reduced."""
     saved = model.generator
     g = torch.Generator(device=device)
     g.manual_seed(12345)
     model.generator = g
     try:
         return evaluate(model, split, max_len=cfg.max_len, padding=cfg.padding, ks=cfg.topk,
-                        retriever=cfg.retriever, device=device, max_users=max_users)
+                        retriever=cfg.retriever, device=device, max_users=max_users,
+                        index=cfg.faiss_index, nlist=cfg.faiss_nlist, nprobe=cfg.faiss_nprobe,
+                        hnsw_m=cfg.faiss_hnsw_m, ef_search=cfg.faiss_ef_search,
+                        process_group="default" if distributed else None)
     finally:
         model.generator = saved
 
@@ -135,38 +152,69 @@ def _autocast(device, enabled):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def ddp_unsupported(cfg: TrainConfig, dist_backend: str) -> Optional[str]:
+    """Why ``cfg`` cannot train data-parallel on ``dist_backend`` ("gloo" | "nccl"), or None.
+    The row-wise optimizers take sparse item-table gradients, which DDP all-reduces only on
+    gloo: NCCL has no sparse all-reduce in torch."""
+    if dist_backend == "nccl" and cfg.optimizer != "adam" and cfg.loss == "sampled":
+        return (f"optimizer={cfg.optimizer!r} keeps the item-table gradient sparse, and "
+                "DistributedDataParallel cannot all-reduce sparse gradients over NCCL; use "
+                "optimizer='adam' (dense) for multi-GPU training, or the gloo backend")
+    return None
+
+
 def _save(path, **obj):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def train(config: Optional[TrainConfig] = None, **overrides) -> dict:
+def train(config: Optional[TrainConfig] = None, *, callback=None, **overrides) -> dict:
     """Train a model; returns {"out_dir", "step", "best_valid", "test", "popularity", "history",
-    "steps_per_s", "model"}. ``overrides`` are TrainConfig fields."""
+    "steps_per_s", "model", "table", "rank", "world_size"}. ``overrides`` are TrainConfig
+    fields. ``callback(step, loss)`` runs after every optimizer step on every rank (``loss``:
+    the mean over ranks); an exception it raises stops that rank's training (under DDP the
+    other ranks then stop with an error naming the failed collective)."""
     if config is None:
         config = TrainConfig(**overrides)
     elif overrides:
         config = dataclasses.replace(config, **overrides)
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    cfg = config
-    device = _device(cfg.device)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    ctx, device = _dist.setup(config.device, config.dist_timeout)
+    try:
+        return _train(config, ctx, device, callback)
+    finally:
+        _dist.teardown(ctx)
+
+
+def _train(cfg: TrainConfig, ctx, device, callback) -> dict:
     out = cfg.out_dir or os.path.join("runs", cfg.model)
     os.makedirs(out, exist_ok=True)
+    if ctx.enabled and not ctx.is_main:
+        ctx.barrier(device)            # rank 0 reads the data first (and writes any cache)
     ds = _dataset(cfg)
-    log.info("data: %s", ds.summary())
+    if ctx.enabled and ctx.is_main:
+        ctx.barrier(device)
+    if ctx.is_main:
+        log.info("data: %s", ds.summary())
+    if ctx.enabled:
+        log.info("rank %d/%d on %s: %d rows per rank, global batch %d", ctx.rank,
+                 ctx.world_size, device, cfg.batch_size, cfg.batch_size * ctx.world_size)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, ds.n_items, **model_kwargs(cfg)).to(device)
     model.generator = torch.Generator(device=device)
     model.generator.manual_seed(cfg.seed + 1)
     sampler = TrainSampler(ds.train_indptr, ds.train_items, batch_size=cfg.batch_size,
                            max_len=cfg.max_len, padding=cfg.padding, device=device,
-                           seed=cfg.seed)
+                           seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
     opts = build_optimizers(model, cfg.optimizer, cfg.lr, cfg.sparse_lr)
+    global_batch = cfg.batch_size * ctx.world_size
     total = cfg.steps
     if cfg.epochs is not None:
-        total = max(1, int(math.ceil(cfg.epochs * int(ds.train_indptr[-1]) / cfg.batch_size)))
+        total = max(1, int(math.ceil(cfg.epochs * int(ds.train_indptr[-1]) / global_batch)))
     step, best, bad, history, stopped = 0, -1.0, 0, [], False
     last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
     if cfg.resume:
@@ -180,82 +228,129 @@ def train(config: Optional[TrainConfig] = None, **overrides) -> dict:
         model.generator.set_state(ck["model_generator"])
         step, best, bad, history, stopped = (ck["step"], ck["best"], ck["bad"], ck["history"],
                                              ck.get("stopped", False))
-        log.info("resumed from %s at step %d", last_path, step)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1, default=str)
+        if ctx.is_main:
+            log.info("resumed from %s at step %d", last_path, step)
+    net = model
+    if ctx.enabled:
+        import torch.distributed as tdist
+        from torch.nn.parallel import DistributedDataParallel
+
+        why = ddp_unsupported(cfg, tdist.get_backend())
+        if why:
+            raise ValueError(why)
+
+        # model.forward(batch) is model.loss(batch): DDP's hooks see every step
+        net = DistributedDataParallel(model, device_ids=[device.index or 0]
+                                      if device.type == "cuda" else None)
+    if ctx.is_main:
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1, default=str)
     metrics_path = os.path.join(out, "metrics.jsonl")
+    saved_step = step if cfg.resume else None
 
     def checkpoint(path):
+        nonlocal saved_step
+        if not ctx.is_main:
+            return
         _save(path, model=model.state_dict(), optimizers=[o.state_dict() for o in opts],
               sampler=sampler.state_dict(), model_generator=model.generator.get_state(),
               step=step, best=best, bad=bad, history=history, stopped=stopped,
-              config=dataclasses.asdict(cfg), n_items=ds.n_items)
+              config=dataclasses.asdict(cfg), n_items=ds.n_items,
+              world_size=ctx.world_size)
+        if path == last_path:
+            saved_step = step
 
     def log_record(rec):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if ctx.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
 
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
-    bar = tqdm(total=total, initial=step, disable=not cfg.progress or tqdm is None,
-               desc=cfg.model, dynamic_ncols=True) if tqdm else None
+    bar = tqdm(total=total, initial=step, disable=not cfg.progress or tqdm is None
+               or not ctx.is_main, desc=cfg.model, dynamic_ncols=True) if tqdm else None
     model.train()
     t0, s0, ema = time.perf_counter(), step, None
-    while step < total and not stopped:
-        batch = sampler.sample()
-        with _autocast(device, cfg.bf16):
-            loss = model.loss(batch)
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        for o in opts:
-            o.step()
-        step += 1
-        lv = float(loss.detach())
-        if not math.isfinite(lv):
-            raise FloatingPointError(f"loss became {lv} at step {step}")
-        ema = lv if ema is None else 0.98 * ema + 0.02 * lv
+    try:
+        while step < total and not stopped:
+            batch = sampler.sample()
+            with _autocast(device, cfg.bf16):
+                loss = net(batch)
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            for o in opts:
+                o.step()
+            step += 1
+            lv = ctx.mean(float(loss.detach()), device)   # the same value on every rank
+            if not math.isfinite(lv):
+                raise FloatingPointError(f"loss became {lv} at step {step}")
+            ema = lv if ema is None else 0.98 * ema + 0.02 * lv
+            if callback is not None:
+                callback(step, lv)
+            if bar is not None:
+                bar.update(1)
+                if step % 20 == 0:
+                    el = time.perf_counter() - t0
+                    bar.set_postfix(loss=f"{ema:.3f}",
+                                    samples_s=f"{(step - s0) * global_batch / el:.0f}",
+                                    best_r50=f"{best:.4f}" if best >= 0 else "-")
+            if step % cfg.eval_every == 0 or step == total:
+                m = _eval(model, ds.valid, cfg, device, cfg.eval_users, ctx.enabled)
+                rec = {"step": step, "split": "valid", "loss": ema, **m}
+                history.append(rec)
+                log_record(rec)
+                key = m.get("recall@50", m[f"recall@{max(cfg.topk)}"])
+                if key > best:
+                    best, bad = key, 0
+                    checkpoint(best_path)
+                else:
+                    bad += 1
+                    if bad >= cfg.patience:
+                        stopped = True
+                        if ctx.is_main:
+                            log.info("early stopping at step %d (best valid recall@50 %.4f)",
+                                     step, best)
+                checkpoint(last_path)
+    except Exception as e:
         if bar is not None:
-            bar.update(1)
-            if step % 20 == 0:
-                el = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{ema:.3f}", samples_s=f"{(step - s0) * cfg.batch_size / el:.0f}",
-                                best_r50=f"{best:.4f}" if best >= 0 else "-")
-        if step % cfg.eval_every == 0 or step == total:
-            m = _eval(model, ds.valid, cfg, device, cfg.eval_users)
-            rec = {"step": step, "split": "valid", "loss": ema, **m}
-            history.append(rec)
-            log_record(rec)
-            key = m.get("recall@50", m[f"recall@{max(cfg.topk)}"])
-            if key > best:
-                best, bad = key, 0
-                checkpoint(best_path)
-            else:
-                bad += 1
-                if bad >= cfg.patience:
-                    stopped = True
-                    log.info("early stopping at step %d (best valid recall@50 %.4f)", step, best)
-            checkpoint(last_path)
+            bar.close()
+        if not ctx.enabled:
+            raise
+        where = (f"{last_path} holds the last complete state (step {saved_step}); continue "
+                 "with --resume" if saved_step is not None else "no checkpoint was written yet")
+        if _dist.is_collective_failure(e):
+            raise RuntimeError(
+                f"rank {ctx.rank}/{ctx.world_size}: a collective failed during step {step + 1}: "
+                f"another rank has most likely stopped (see its log). {where}. "
+                f"[{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]") from e
+        log.error("rank %d/%d: training failed at step %d (%s: %s); %s", ctx.rank,
+                  ctx.world_size, step, type(e).__name__, e, where)
+        raise
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t0
     sps = (step - s0) / elapsed if step > s0 else float("nan")
+    ctx.barrier(device)                    # rank 0 has finished writing best.pt
     # test with the best checkpoint
     if os.path.exists(best_path):
         model.load_state_dict(torch.load(best_path, map_location=device, weights_only=False)["model"])
-    test = _eval(model, ds.test, cfg, device)
+    test = _eval(model, ds.test, cfg, device, None, ctx.enabled)
     pop = evaluate_popularity(ds.item_counts, ds.test, cfg.topk)
     log_record({"step": step, "split": "test", **test})
-    if cfg.export:
+    if cfg.export and ctx.is_main:
         export_embeddings(model, ds.test, cfg, out, device)
         if ds.item_category is not None:   # for `seqrec-fast plot` (t-SNE coloured by category)
             np.save(os.path.join(out, "item_category.npy"), ds.item_category)
     table = format_table({cfg.model: test, "most-popular": pop}, cfg.topk)
-    log.info("test metrics:\n%s", table)
+    if ctx.is_main:
+        log.info("test metrics:\n%s", table)
+    ctx.barrier(device)                    # every output file is complete when train returns
     return {"out_dir": out, "step": step, "best_valid": best, "test": test, "popularity": pop,
-            "history": history, "steps_per_s": sps, "model": model, "table": table}
+            "history": history, "steps_per_s": sps, "model": model, "table": table,
+            "rank": ctx.rank, "world_size": ctx.world_size}
 
 
 @torch.no_grad()
@@ -297,10 +392,16 @@ def load_checkpoint(path: str, device="auto"):
     return model, cfg, ds
 
 
-def evaluate_checkpoint(path: str, split: str = "test", device="auto", retriever="auto") -> dict:
-    """Evaluate a checkpoint on "valid" or "test" -> metrics dict."""
+def evaluate_checkpoint(path: str, split: str = "test", device="auto", retriever="auto",
+                        faiss_index: str = "flat", faiss_nlist: Optional[int] = None,
+                        faiss_nprobe: Optional[int] = None, faiss_hnsw_m: int = 32,
+                        faiss_ef_search: int = 128) -> dict:
+    """Evaluate a checkpoint (written at any world size) on "valid" or "test" -> metrics dict.
+    ``faiss_*``: the retrieval index (see ``evaluate.Retriever``)."""
     if split not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
     model, cfg, ds = load_checkpoint(path, device)
     cfg.retriever = retriever
+    cfg.faiss_index, cfg.faiss_nlist, cfg.faiss_nprobe = faiss_index, faiss_nlist, faiss_nprobe
+    cfg.faiss_hnsw_m, cfg.faiss_ef_search = faiss_hnsw_m, faiss_ef_search
     return _eval(model, getattr(ds, split), cfg, next(model.parameters()).device)

@@ -6,6 +6,7 @@ gradient must match on every rank, the shard gradient must match the reference's
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
@@ -30,6 +31,7 @@ def _entry(rank, world, store, fn, args):
                             world_size=world)
     try:
         fn(rank, world, *args)
+        dist.barrier()      # nobody tears its connections down while a peer still reads
     finally:
         dist.destroy_process_group()
 
@@ -214,3 +216,159 @@ def test_shard_rows_covers_the_catalog():
         shard_rows(2, 0, 3)
     with pytest.raises(ValueError, match="rank must be in"):
         shard_rows(10, 3, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# data-parallel training (train() under a 2-process gloo group)
+# ----------------------------------------------------------------------------------------------
+SMALL = {"n_users": 300, "n_items": 200, "n_interests": 8, "min_len": 10, "max_len": 30}
+
+
+def _train_kwargs(out, **kw):
+    base = dict(data="synthetic", synthetic=SMALL, dim=16, steps=12, eval_every=6,
+                num_negatives=64, progress=False, export=False, seed=3, out_dir=str(out))
+    base.update(kw)
+    return base
+
+
+def _ddp_train_worker(rank, world, kwargs):
+    from seqrec_fast.train import train
+
+    res = train(**kwargs)
+    assert res["rank"] == rank and res["world_size"] == world
+
+
+def _model_state(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.mark.parametrize("model, loss, optimizer", [
+    ("comirec-dr", "sampled", "adam"),
+    ("comirec-sa", "full", "adam"),
+    ("youtubednn", "sampled", "rowwise_adagrad"),
+])
+def test_ddp_training_matches_single_process(tmp_path, model, loss, optimizer):
+    """2 ranks x batch 16 == 1 process x batch 32: same parameters after 12 steps, same
+    (user-sharded, all-reduced) validation and test metrics, same logged loss."""
+    from seqrec_fast.train import train
+
+    torch.set_num_threads(1)
+    kw = dict(model=model, loss=loss, optimizer=optimizer)
+    single = train(**_train_kwargs(tmp_path / "single", batch_size=32, **kw))
+    spawn(_ddp_train_worker, _train_kwargs(tmp_path / "ddp", batch_size=16, **kw))
+    a = _model_state(tmp_path / "single" / "last.pt")
+    b = _model_state(tmp_path / "ddp" / "last.pt")
+    assert a["step"] == b["step"] == 12 and b["world_size"] == 2
+    for name, want in a["model"].items():
+        atol = 2e-5
+        if name.endswith("b2"):
+            # ComiRec-SA's score bias: the softmax over the sequence is invariant to it, so its
+            # true gradient is 0 and Adam turns rounding noise into steps of up to lr either way
+            atol = 2 * 1e-3 * 12
+        assert_close(b["model"][name], want, atol=atol, rtol=1e-4, name=f"{model} {name}")
+    read = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]
+    ra, rb = read(tmp_path / "single"), read(tmp_path / "ddp")
+    assert [r["split"] for r in rb] == ["valid", "valid", "test"]
+    for x, y in zip(ra, rb):
+        for k in ("recall@20", "recall@50", "ndcg@50", "hitrate@50"):
+            assert y[k] == pytest.approx(x[k], abs=1e-9), (k, x, y)
+        if "loss" in x:
+            assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+    assert single["test"]["recall@50"] == pytest.approx(rb[-1]["recall@50"], abs=1e-9)
+
+
+def test_ddp_checkpoint_loads_on_any_world_size(tmp_path):
+    """A checkpoint written by 2 ranks resumes in one process and evaluates to the metrics the
+    2-rank run logged; a 1-process checkpoint resumes under 2 ranks."""
+    from seqrec_fast.train import evaluate_checkpoint, train
+
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    spawn(_ddp_train_worker, _train_kwargs(out, model="comirec-dr", batch_size=16))
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    m = evaluate_checkpoint(str(out / "best.pt"), "test")
+    assert m["recall@50"] == pytest.approx(recs[-1]["recall@50"], abs=1e-9)
+    res = train(**_train_kwargs(out, model="comirec-dr", batch_size=32, steps=18, resume=True))
+    assert res["step"] == 18
+    spawn(_ddp_train_worker, _train_kwargs(out, model="comirec-dr", batch_size=16, steps=24,
+                                           resume=True))
+    assert _model_state(out / "last.pt")["step"] == 24
+
+
+def _dying_worker(rank, world, kwargs, report):
+    """Rank 1 crashes (hard exit, as a killed process) during step 9; rank 0 must stop with a
+    clear error instead of hanging, and the last checkpoint (step 6) must stay loadable."""
+    from seqrec_fast.train import train
+
+    def crash(step, loss):
+        if rank == 1 and step == 8:
+            os._exit(17)
+
+    try:
+        train(**kwargs, callback=crash)
+    except Exception as e:  # noqa: BLE001
+        with open(report, "w") as f:
+            f.write(f"{type(e).__name__}: {e}")
+        raise
+
+
+def test_dying_rank_gives_clear_error_and_keeps_checkpoint(tmp_path):
+    import multiprocessing as mp
+
+    out = tmp_path / "run"
+    report = tmp_path / "rank0.txt"
+    kwargs = _train_kwargs(out, model="comirec-dr", batch_size=16, steps=30, eval_every=6,
+                           dist_timeout=60.0)
+    ctx = mp.get_context("spawn")
+    store = str(tmp_path / "store")
+    procs = [ctx.Process(target=_entry, args=(r, 2, store, _dying_worker,
+                                              (kwargs, str(report)))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    alive = [p.is_alive() for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not any(alive), "a rank hung after its peer died"
+    assert procs[1].exitcode == 17
+    assert procs[0].exitcode != 0
+    text = report.read_text()
+    assert "rank 0/2: a collective failed during step" in text, text
+    assert "another rank has most likely stopped" in text and "step 6" in text, text
+    ck = _model_state(out / "last.pt")
+    assert ck["step"] == 6
+    assert not list(out.glob("*.tmp")), "a partial checkpoint file was left behind"
+
+
+def test_cli_under_torchrun(tmp_path):
+    """`torchrun --standalone --nproc_per_node 2 -m seqrec_fast train ...` on CPU (gloo): one
+    table printed (rank 0), rank-0 outputs, a checkpoint that records both ranks."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "seqrec_fast", "train", "--model", "comirec-sa", "--synthetic",
+           json.dumps(SMALL), "--dim", "16", "--steps", "10", "--eval-every", "5",
+           "--batch-size", "16", "--device", "cpu", "--no-progress", "--out-dir", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("| comirec-sa |") == 1, r.stdout
+    ck = _model_state(out / "last.pt")
+    assert ck["world_size"] == 2 and ck["step"] == 10
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["split"] for x in recs] == ["valid", "valid", "test"]
+
+
+def test_sparse_optimizer_over_nccl_is_refused_clearly():
+    from seqrec_fast.train import TrainConfig, ddp_unsupported
+
+    sparse = TrainConfig(optimizer="rowwise_adagrad", loss="sampled")
+    assert "cannot all-reduce sparse gradients over NCCL" in ddp_unsupported(sparse, "nccl")
+    assert ddp_unsupported(sparse, "gloo") is None
+    assert ddp_unsupported(TrainConfig(optimizer="adam"), "nccl") is None
+    # the full softmax keeps the table gradient dense: fine on NCCL
+    assert ddp_unsupported(TrainConfig(optimizer="rowwise_adam", loss="full"), "nccl") is None

@@ -36,7 +36,9 @@ class SeqRecModel(nn.Module):
         overrides it with a fixed count. neg_sampler: "log_uniform" (ids must be popularity
         sorted, as ``seqrec_fast.data`` makes them) or "uniform".
       readout: "hard" or "pow" (MIND: softmax(<v_k, e>^readout_pow)·v).
-      sparse: item-table gradients as sparse row sets (for the row-wise sparse optimizers).
+      sparse: item-table gradients as sparse row sets (for the row-wise sparse optimizers);
+        with ``loss="full"`` every row gets a gradient, so the gradient stays dense (the row-wise
+        optimizers take either).
       backend: passed to every fused op ("auto" | "triton" | "cuda" | "cpp" | "eager"). "auto":
         each op picks its fastest kernel for the tensors' device. A backend named explicitly must
         have a kernel for every fused op the model uses (interest extraction and the loss), else
@@ -71,7 +73,9 @@ class SeqRecModel(nn.Module):
         ops = ([self.interest_op] if self.interest_op else []) + \
             [_ops.OP_FULL if loss == "full" else _ops.OP_SAMPLED]
         _ops.check_backend(backend, ops, type(self).__name__)
-        self.item_emb = nn.Embedding(n_items, dim)
+        # the full softmax gives every row a gradient: a sparse one would only cost a conversion.
+        # The module's flag is what DistributedDataParallel reads to expect sparse gradients.
+        self.item_emb = nn.Embedding(n_items, dim, sparse=sparse and loss == "sampled")
         nn.init.normal_(self.item_emb.weight, 0.0, 1.0 / math.sqrt(dim))
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
@@ -80,7 +84,7 @@ class SeqRecModel(nn.Module):
     # ---------------------------------------------------------------- helpers
     def embed(self, ids: Tensor) -> Tensor:
         """ids (...) int64 -> (..., d), sparse gradients when ``sparse``."""
-        return F.embedding(ids, self.item_emb.weight, sparse=self.sparse)
+        return F.embedding(ids, self.item_emb.weight, sparse=self.item_emb.sparse)
 
     def _check_history(self, history: Tensor, mask: Tensor):
         _checks.tensor("history", history, ndim=2, dtypes=(torch.int64, torch.int32))
@@ -128,6 +132,11 @@ class SeqRecModel(nn.Module):
         return sampler.log_prob(target - 1) + math.log(n)
 
     # ------------------------------------------------------------------- loss
+    def forward(self, batch: dict) -> Tensor:
+        """The training loss (as :meth:`loss`): calling the module is what DistributedDataParallel
+        wraps."""
+        return self.loss(batch)
+
     def loss(self, batch: dict) -> Tensor:
         """batch: {"history": (B, L) int64, "mask": (B, L) bool, "target": (B,) int64} -> scalar."""
         if not isinstance(batch, dict):
