@@ -11,10 +11,12 @@ are those of the single-process op: ``user`` gets its full gradient on every ran
 logits tensor.
 
 * ``linear_cross_entropy`` (vocabulary-parallel cross-entropy, as Megatron-LM does for
-  vocabularies): each rank computes the log-sum-exp of its shard with the fused kernel, the
-  target logit when it owns the target, and (label smoothing) the sum of its logits; one
-  all-gather of these (W, 3, B) values combines them. Backward: the fused kernel's shard
-  gradient, scaled by exp(lse_r - lse); the user gradient is all-reduced (B·d values).
+  vocabularies): each rank computes the log-sum-exp of its shard with the fused kernel and
+  the target logit when it owns the target; one all-gather of these (W, 2, B) values combines
+  them (label smoothing adds one more of (W, 2, B)). Backward: the fused kernel's gradient of
+  the shard evaluated with the global log-sum-exp (exactly the single-process gradient's
+  rows); the user gradient is all-reduced (B·d values). The kernel sees the shard plus one
+  zero row (a copy of the shard per call) that stands for "target on another rank".
 * ``sampled_softmax_loss``: the candidates (targets and negatives, at most B + S distinct ids)
   are what a step touches, so each rank contributes the candidate rows it owns and one
   all-reduce of that (U, d) table (U distinct candidate ids) gives every rank the same
@@ -171,48 +173,70 @@ def _exchange(group, rank, world, device, n_local: int, user: Tensor, *replicate
 # ----------------------------------------------------------------------------------------------
 # full-catalog cross-entropy over a sharded catalog
 # ----------------------------------------------------------------------------------------------
-class _ShardLSE(torch.autograd.Function):
-    """lse_r (B,) = log Σ_{j in shard} exp((u·w_j + b_j)/T) with the fused kernels.
+_DUMMY_BIAS = -3.0e4   # exp(-3e4 / T - lse) is exactly 0 in every float type we take
 
-    The kernels compute loss rows lse - z_target; they are called with target 0 for every row
-    and the target term is added back in backward (a (B, d) correction)."""
+
+class _ShardCE(torch.autograd.Function):
+    """Cross-entropy rows lse - z_target (B,) over a sharded catalog with the fused kernels.
+
+    The shard gets one extra all-zero row with bias -3e4: rows whose target lives on another
+    rank point at it (its softmax weight is exactly 0, its gradient is dropped). Forward: the
+    kernel's shard log-sum-exp lse_r, the owned target logits, one all-gather of both. Backward:
+    the kernel's column gradients evaluated with the GLOBAL lse, i.e. g·(softmax_j - onehot_j)
+    of the whole catalog restricted to the shard — exact, no correction term; the user gradient
+    of this shard (all-reduced by the caller's _CopyToShards) is g/T·(Σ_j softmax_j·w_j - w_t),
+    recomputed by the kernel (cpp) or from the forward's Σ_j softmax_r,j·w_j (triton)."""
 
     @staticmethod
-    def forward(ctx, user, items, bias, temperature, backend, need_user_grad):
+    def forward(ctx, user, items, bias, target, offset, temperature, backend, group, rank, world,
+                need_user_grad):
         from .softmax import _lce_fwd_op
 
-        tgt = torch.zeros(user.shape[0], dtype=torch.int64, device=user.device)
-        _, lse, udir = _lce_fwd_op(user, items, tgt, bias, temperature, -100, 0.0,
-                                   need_user_grad, backend)
-        ctx.save_for_backward(user, items, tgt, bias, lse, udir)
-        ctx.args = (temperature, backend)
-        return lse
+        n, d = items.shape
+        acc = _acc(user.dtype)
+        owned = (target >= offset) & (target < offset + n)
+        t_aug = torch.where(owned, target - offset, torch.full_like(target, n))
+        items_aug = torch.cat([items, items.new_zeros((1, d))])
+        b = bias if bias is not None else items.new_zeros((n,))
+        bias_aug = torch.cat([b, b.new_full((1,), _DUMMY_BIAS)])
+        _, lse_r, udir = _lce_fwd_op(user, items_aug, t_aug, bias_aug, temperature, -100, 0.0,
+                                     need_user_grad, backend)
+        loc = t_aug.clamp(max=n - 1)
+        z = (user.to(acc) * items[loc].to(acc)).sum(-1) + b[loc].to(acc)
+        z_loc = torch.where(owned, z / temperature, torch.zeros_like(z))
+        parts = [torch.empty((2, user.shape[0]), dtype=acc, device=user.device)
+                 for _ in range(world)]
+        _dist().all_gather(parts, torch.stack([lse_r.to(acc), z_loc]).contiguous(), group=group)
+        G = torch.stack(parts)
+        lse = torch.logsumexp(G[:, 0], dim=0)
+        ctx.save_for_backward(user, items_aug, t_aug, bias_aug, lse, lse_r.to(acc), udir, owned)
+        ctx.args = (temperature, backend, bias is not None, n)
+        ctx.mark_non_differentiable(lse)
+        return lse - G[:, 1].sum(0), lse
 
     @staticmethod
-    def backward(ctx, g):
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g, _g_lse):
         from .softmax import _lce_bwd_op
 
-        user, items, tgt, bias, lse, udir = ctx.saved_tensors
-        temperature, backend = ctx.args
+        user, items_aug, t_aug, bias_aug, lse, lse_r, udir, owned = ctx.saved_tensors
+        temperature, backend, has_bias, n = ctx.args
         nu, nw, nb = ctx.needs_input_grad[:3]
+        nb = bool(nb and has_bias)
         if not (nu or nw or nb):
-            return (None,) * 6
+            return (None,) * 11
         g = g.to(lse.dtype).contiguous()
-        du, dw, db = _lce_bwd_op(g, user, items, tgt, bias, lse, udir, temperature, -100, 0.0,
-                                 nu, nw, bool(nb and bias is not None), backend)
-        gs = g / temperature                                   # d(-z_0)/d(...) added back
-        out_u = out_w = out_b = None
-        if nu:
-            out_u = (du.to(gs.dtype) + gs[:, None] * items[0].to(gs.dtype)).to(user.dtype)
-        if nw:
-            dw = dw.to(gs.dtype)
-            dw[0] += (gs[:, None] * user.to(gs.dtype)).sum(0)
-            out_w = dw.to(items.dtype)
-        if nb and bias is not None:
-            db = db.to(gs.dtype)
-            db[0] += gs.sum()
-            out_b = db.to(bias.dtype)
-        return out_u, out_w, out_b, None, None, None
+        kernel_user = nu and backend != "triton"
+        du, dw, db = _lce_bwd_op(g, user, items_aug, t_aug, bias_aug, lse, udir, temperature,
+                                 -100, 0.0, kernel_user, nw, nb, backend)
+        if nu and backend == "triton":
+            # udir_r = Σ_j softmax_r,j·w_j with the shard's lse_r: rescale to the global lse
+            wt = torch.where(owned[:, None], items_aug[t_aug].float(),
+                             torch.zeros((), device=user.device))
+            du = ((torch.exp(lse_r - lse)[:, None] * udir - wt)
+                  * (g / temperature)[:, None]).to(user.dtype)
+        return (du if nu else None, dw[:n] if nw else None, db[:n] if nb else None) + \
+            (None,) * 8
 
 
 def _acc(dtype):
@@ -236,32 +260,34 @@ def linear_cross_entropy_sharded(user, items, target, bias, temperature, ignore_
     be = S._resolve(S.OP_LCE, backend, device, user.dtype)
     acc = _acc(user.dtype)
     u = _CopyToShards.apply(user, group)
+    owned = (target >= offset) & (target < offset + n_local)
+    loc = (target - offset).clamp(0, n_local - 1)
     if be == "eager":
         logits = u.to(acc) @ items.to(acc).t()
         if bias is not None:
             logits = logits + bias.to(acc)
         lse_r = torch.logsumexp(logits / temperature, dim=1)
+        z = (u.to(acc) * items[loc].to(acc)).sum(-1)
+        if bias is not None:
+            z = z + bias[loc].to(acc)
+        z_loc = torch.where(owned, z / temperature, torch.zeros_like(z))
+        G = _GatherReplicated.apply(torch.stack([lse_r, z_loc]), group, rank, world)
+        lse = torch.logsumexp(G[:, 0], dim=0)
+        rows = lse - G[:, 1].sum(0)
     else:
         need_user_grad = torch.is_grad_enabled() and user.requires_grad
-        lse_r = _ShardLSE.apply(u, items, bias, temperature, be, need_user_grad)
-        lse_r = lse_r.to(acc)
-    owned = (target >= offset) & (target < offset + n_local)
-    loc = (target - offset).clamp(0, n_local - 1)
-    z = (u.to(acc) * items[loc].to(acc)).sum(-1)
-    if bias is not None:
-        z = z + bias[loc].to(acc)
-    z_loc = torch.where(owned, z / temperature, torch.zeros_like(z))
-    parts = [lse_r, z_loc]
+        rows, lse = _ShardCE.apply(u, items, bias, target, offset, temperature, be, group, rank,
+                                   world, need_user_grad)
     if label_smoothing > 0:
+        # loss = lse - (1-ε)·z_t - ε/N·Σ_j z_j: the ε terms are linear in the logits
+        z = (u.to(acc) * items[loc].to(acc)).sum(-1)
         tot = u.to(acc) @ items.to(acc).sum(0)
         if bias is not None:
+            z = z + bias[loc].to(acc)
             tot = tot + bias.to(acc).sum()
-        parts.append(tot / temperature)
-    G = _GatherReplicated.apply(torch.stack(parts), group, rank, world)   # (W, P, B)
-    lse = torch.logsumexp(G[:, 0], dim=0)
-    rows = lse - (1.0 - label_smoothing) * G[:, 1].sum(0)
-    if label_smoothing > 0:
-        rows = rows - (label_smoothing / N) * G[:, 2].sum(0)
+        z_loc = torch.where(owned, z / temperature, torch.zeros_like(z))
+        G2 = _GatherReplicated.apply(torch.stack([z_loc, tot / temperature]), group, rank, world)
+        rows = rows + label_smoothing * G2[:, 0].sum(0) - (label_smoothing / N) * G2[:, 1].sum(0)
     valid = target != ignore_index
     rows = torch.where(valid, rows, torch.zeros_like(rows))
     count = valid.sum() if reduction == "mean" else None
@@ -299,5 +325,137 @@ def sampled_softmax_sharded(user, items, target, negatives, log_q, target_log_q,
                                   temperature=temperature, reduction=reduction, backend=backend)
 
 
+class _GatherBatch(torch.autograd.Function):
+    """Concatenate every rank's (B, ...) rows in rank order. The result feeds a replicated
+    computation: backward keeps this rank's rows of the (identical) gradient, times
+    ``grad_scale``."""
+
+    @staticmethod
+    def forward(ctx, x, group, rank, world, grad_scale):
+        ctx.args = (rank, x.shape[0], grad_scale)
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        _dist().all_gather(parts, x, group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, b, scale = ctx.args
+        g = grad[rank * b:(rank + 1) * b]
+        return (g * scale if scale != 1.0 else g), None, None, None, None
+
+
+def gather_batch(x: Tensor, process_group, *, grad_scale: float = 1.0) -> Tensor:
+    """(B, ...) per rank -> (W·B, ...) on every rank (rank order); every rank must pass the same
+    shape. For data-parallel rows entering a replicated loss: x's gradient is its rows of the
+    replicated gradient times ``grad_scale`` (W undoes DistributedDataParallel's averaging)."""
+    group, rank, world = check_group(process_group)
+    dist = _dist()
+    shape = torch.tensor(list(x.shape), dtype=torch.int64,
+                         device=x.device if dist.get_backend(group) == "nccl" else "cpu")
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape, group=group)
+    if any(not torch.equal(t, shapes[0]) for t in shapes):
+        raise ValueError(f"gather_batch needs the same shape on every rank, got "
+                         f"{[tuple(t.tolist()) for t in shapes]}")
+    if not x.is_floating_point():
+        parts = [torch.empty_like(x.contiguous()) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+    return _GatherBatch.apply(x, group, rank, world, float(grad_scale))
+
+
+# ----------------------------------------------------------------------------------------------
+# embedding lookup from a sharded table (data-parallel ids)
+# ----------------------------------------------------------------------------------------------
+class _ShardedLookup(torch.autograd.Function):
+    """Each rank looks up ITS OWN ids (data parallel) in a table split by rows across ranks.
+
+    forward: all-gather every rank's ids, take their U distinct values, each rank fills the
+    rows it owns, one all-reduce of the (U, d) table, then each rank reads its ids from it.
+    backward: each rank scatters its output gradient into (U, d), one all-reduce sums the
+    ranks', and each rank keeps its own rows (times ``grad_scale``)."""
+
+    @staticmethod
+    def forward(ctx, shard, ids, group, rank, world, offset, grad_scale, sparse_grad):
+        dist = _dist()
+        flat = ids.reshape(-1)
+        n = torch.tensor([flat.numel()], dtype=torch.int64, device=flat.device)
+        sizes = [torch.empty_like(n) for _ in range(world)]
+        dist.all_gather(sizes, n, group=group)
+        sizes = [int(x.item()) for x in sizes]
+        m = max(sizes)
+        padded = torch.full((m,), -1, dtype=torch.int64, device=flat.device)
+        padded[:flat.numel()] = flat
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded, group=group)
+        every = torch.cat([p[:k] for p, k in zip(parts, sizes)])
+        uniq, inv = torch.unique(every, return_inverse=True)
+        start = sum(sizes[:rank])
+        mine = inv[start:start + sizes[rank]]
+        n_local = shard.shape[0]
+        owned = (uniq >= offset) & (uniq < offset + n_local)
+        loc = (uniq - offset).clamp(0, n_local - 1)
+        rows = torch.where(owned[:, None], shard[loc], torch.zeros((), dtype=shard.dtype,
+                                                                   device=shard.device))
+        cd = _collective_dtype(rows)
+        table = rows.to(cd).contiguous()
+        dist.all_reduce(table, group=group)
+        ctx.save_for_backward(mine, owned, loc)
+        ctx.args = (group, grad_scale, sparse_grad, uniq.numel(), tuple(shard.shape))
+        return table.to(shard.dtype)[mine].reshape(*ids.shape, shard.shape[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        mine, owned, loc = ctx.saved_tensors
+        group, grad_scale, sparse_grad, U, shape = ctx.args
+        d = shape[1]
+        g = grad.reshape(-1, d)
+        cd = _collective_dtype(g)
+        gt = torch.zeros((U, d), dtype=cd, device=g.device).index_add_(0, mine, g.to(cd))
+        _dist().all_reduce(gt, group=group)
+        if grad_scale != 1.0:
+            gt = gt * grad_scale
+        gt = gt.to(grad.dtype)
+        if sparse_grad:
+            out = torch.sparse_coo_tensor(loc[owned][None], gt[owned], shape)
+        else:
+            out = gt.new_zeros(shape).index_add_(0, loc[owned], gt[owned])
+        return out, None, None, None, None, None, None, None
+
+
+def sharded_embedding(ids: Tensor, shard: Tensor, process_group, *, offset: Optional[int] = None,
+                      grad_scale: float = 1.0, sparse_grad: bool = False) -> Tensor:
+    """Embedding lookup in an item table split by rows across ranks, each rank with its own ids.
+
+    ids: (...) int64 global ids (any shape; the shapes may differ between ranks); shard:
+    (n_r, d) this rank's rows ``[offset, offset + n_r)`` (``offset`` None: found by exchanging
+    the shard sizes, contiguous in rank order). -> (..., d) rows of the whole table.
+    Every rank must call it (it is collective). The shard's gradient is the sum over ranks of
+    each rank's output gradient for the rows it owns, times ``grad_scale`` (pass 1/W to match
+    DistributedDataParallel's gradient averaging); ``sparse_grad`` returns it as a sparse COO
+    tensor of the touched rows (for row-wise optimizers). Communication: the ids (all-gather)
+    and one (U, d) all-reduce each way, U = distinct ids over all ranks.
+    """
+    group, rank, world = check_group(process_group)
+    if not isinstance(ids, Tensor) or ids.dtype != torch.int64:
+        raise TypeError(f"ids must be an int64 tensor, got "
+                        f"{getattr(ids, 'dtype', type(ids).__name__)}")
+    if not isinstance(shard, Tensor) or shard.dim() != 2:
+        raise ValueError(f"shard must be a (n_rows, d) tensor, got "
+                         f"{getattr(shard, 'shape', type(shard).__name__)}")
+    if ids.device != shard.device:
+        raise ValueError(f"ids are on {ids.device} but shard is on {shard.device}")
+    if offset is None:
+        dist = _dist()
+        n = torch.tensor([shard.shape[0]], dtype=torch.int64, device=shard.device)
+        sizes = [torch.empty_like(n) for _ in range(world)]
+        dist.all_gather(sizes, n, group=group)
+        offset = int(sum(int(x.item()) for x in sizes[:rank]))
+    return _ShardedLookup.apply(shard, ids, group, rank, world, int(offset), float(grad_scale),
+                                bool(sparse_grad))
+
+
 __all__ = ["shard_rows", "check_group", "linear_cross_entropy_sharded",
-           "sampled_softmax_sharded"]
+           "sampled_softmax_sharded", "sharded_embedding", "gather_batch"]
