@@ -81,6 +81,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     _add_index_args(p)
     p.add_argument("--dist-timeout", type=float, default=d.dist_timeout,
                    help="under torchrun: seconds a collective waits for a silent rank")
+    p.add_argument("--shard-catalog", action="store_true",
+                   help="under torchrun: split the item table by rows across the ranks")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out-dir", default=None, help="default runs/<model>")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/last.pt")

@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from .ops._catalog_parallel import check_group, shard_rows  # noqa: F401
+from .ops._catalog_parallel import (check_group, gather_batch, shard_rows,  # noqa: F401
+                                    sharded_embedding)
 
 log = logging.getLogger("seqrec_fast.distributed")
 
@@ -135,5 +136,6 @@ def is_collective_failure(exc: BaseException) -> bool:
                             "gloo", "nccl", "socket"))
 
 
-__all__ = ["DistContext", "setup", "teardown", "shard_rows", "check_group",
+__all__ = ["DistContext", "setup", "teardown", "shard_rows", "check_group", "sharded_embedding",
+           "gather_batch",
            "is_collective_failure"]

@@ -303,6 +303,9 @@ def evaluate(model, split, *, max_len: int, padding: str = "right", ks: Sequence
         raise ValueError(f"max_users must be a positive int or None, got {max_users!r}")
     n_users = split.n_users if max_users is None else min(split.n_users, max_users)
     group, rank, world = None, 0, 1
+    sharded = getattr(model, "catalog_shard", None) is not None
+    if sharded and process_group is None:
+        process_group = model.catalog_shard[0]
     if process_group is not None:
         from .distributed import check_group
 
@@ -313,16 +316,24 @@ def evaluate(model, split, *, max_len: int, padding: str = "right", ks: Sequence
     try:
         if device is None:
             device = next(model.parameters()).device
-        ret = Retriever(model.item_embeddings(), retriever, index=index, nlist=nlist,
-                        nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search)
         topn = max(ks)
         parts = []
-        for hist, mask, ptr, tgt in eval_batches(split, max_len=max_len, padding=padding,
-                                                 batch_size=batch_size, device=device,
-                                                 start=lo, stop=hi):
-            ue = model.user_embeddings(hist, mask)
-            recs, _ = ret.recommend(ue, topn)
-            parts.append(per_user_metrics(recs, ptr, tgt, ks))
+        if sharded:
+            if retriever == "faiss" or index != "flat":
+                raise ValueError("a model whose item table is sharded across ranks is evaluated "
+                                 "with the exact torch search (retriever='torch' or 'auto', "
+                                 "index='flat')")
+            parts = _evaluate_sharded(model, split, max_len, padding, ks, batch_size, device,
+                                      lo, hi, group, rank, world)
+        else:
+            ret = Retriever(model.item_embeddings(), retriever, index=index, nlist=nlist,
+                            nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search)
+            for hist, mask, ptr, tgt in eval_batches(split, max_len=max_len, padding=padding,
+                                                     batch_size=batch_size, device=device,
+                                                     start=lo, stop=hi):
+                ue = model.user_embeddings(hist, mask)
+                recs, _ = ret.recommend(ue, topn)
+                parts.append(per_user_metrics(recs, ptr, tgt, ks))
     finally:
         model.train(was_training)
     if world == 1:
@@ -340,6 +351,65 @@ def evaluate(model, split, *, max_len: int, padding: str = "right", ks: Sequence
     dist.all_reduce(sums, group=group)
     sums = sums.cpu()
     return {name: float(sums[i + 1]) / max(float(sums[0]), 1.0) for i, name in enumerate(names)}
+
+
+def _evaluate_sharded(model, split, max_len, padding, ks, batch_size, device, lo, hi, group,
+                      rank, world):
+    """Exact retrieval over an item table sharded across ranks (``model.shard_catalog``): every
+    rank runs the same number of batches (the lookups are collective; a rank out of users sends
+    one all-padded row), the ranks' queries are all-gathered, each rank scores them against its
+    rows, and the per-shard top-N lists are all-gathered and merged for the rank's own users."""
+    import torch.distributed as dist
+
+    topn = max(ks)
+    on = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    n_b = torch.tensor([(hi - lo + batch_size - 1) // batch_size], dtype=torch.int64, device=on)
+    dist.all_reduce(n_b, op=dist.ReduceOp.MAX, group=group)
+    batches = list(eval_batches(split, max_len=max_len, padding=padding, batch_size=batch_size,
+                                device=device, start=lo, stop=hi))
+    off, rows = model.item_shard()
+    items = rows.detach().float()
+    parts = []
+    for i in range(int(n_b.item())):
+        if i < len(batches):
+            hist, mask, ptr, tgt = batches[i]
+        else:
+            hist = torch.zeros((1, max_len), dtype=torch.int64, device=device)
+            mask = torch.zeros((1, max_len), dtype=torch.bool, device=device)
+            ptr = tgt = None
+        ue = model.user_embeddings(hist, mask).float()              # (b, K, d)
+        b, K, d = ue.shape
+        q = ue.reshape(b * K, d)
+        cnt = torch.tensor([q.shape[0]], dtype=torch.int64, device=on)
+        cnts = [torch.empty_like(cnt) for _ in range(world)]
+        dist.all_gather(cnts, cnt, group=group)
+        cnts = [int(c.item()) for c in cnts]
+        m = max(cnts)
+        qp = q.new_zeros((m, d))
+        qp[:q.shape[0]] = q
+        qs = [torch.empty_like(qp) for _ in range(world)]
+        dist.all_gather(qs, qp, group=group)
+        scores = torch.cat(qs) @ items.t()                          # (W·m, n_r)
+        if off == 0:
+            scores[:, 0] = float("-inf")                             # padding
+        k = min(topn, items.shape[0])
+        sc, ix = scores.topk(k, dim=1)
+        ix = (ix + off).masked_fill(torch.isinf(sc), -1)
+        if k < topn:                                                 # small shard: pad
+            ix = torch.cat([ix, ix.new_full((ix.shape[0], topn - k), -1)], 1)
+            sc = torch.cat([sc, sc.new_full((sc.shape[0], topn - k), float("-inf"))], 1)
+        ids_all = [torch.empty_like(ix) for _ in range(world)]
+        sc_all = [torch.empty_like(sc) for _ in range(world)]
+        dist.all_gather(ids_all, ix, group=group)
+        dist.all_gather(sc_all, sc, group=group)
+        if ptr is None:
+            continue
+        mine = slice(rank * m, rank * m + q.shape[0])
+        cand_i = torch.cat([t[mine] for t in ids_all], 1).reshape(b, -1)   # (b, K·W·topn)
+        cand_s = torch.cat([t[mine] for t in sc_all], 1).reshape(b, -1)
+        recs, _ = merge_topn(cand_i, cand_s, topn)
+        parts.append(per_user_metrics(recs, ptr, tgt, ks))
+    return parts
 
 
 def evaluate_popularity(item_counts, split, ks: Sequence[int] = (20, 50)) -> Dict[str, float]:

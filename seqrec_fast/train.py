@@ -83,6 +83,7 @@ class TrainConfig:
     faiss_hnsw_m: int = 32
     faiss_ef_search: int = 128
     dist_timeout: float = 600.0           # seconds a collective waits for a silent rank
+    shard_catalog: bool = False           # DDP: split the item table by rows across ranks
     out_dir: Optional[str] = None         # default runs/<model>
     resume: bool = False
     export: bool = True
@@ -152,6 +153,78 @@ def _autocast(device, enabled):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def _gather_rows(t: torch.Tensor, model) -> torch.Tensor:
+    """This rank's rows of a sharded (n_r, ...) tensor -> the whole (n_items, ...) tensor on the
+    CPU (collective over the model's catalog group)."""
+    import torch.distributed as tdist
+
+    from .distributed import shard_rows
+
+    group, rank, world, _, _ = model.catalog_shard
+    spans = [shard_rows(model.n_items, r, world) for r in range(world)]
+    m = max(b - a for a, b in spans)
+    on = t.device if tdist.get_backend(group) == "nccl" else torch.device("cpu")
+    pad = torch.zeros((m,) + tuple(t.shape[1:]), dtype=t.dtype, device=on)
+    pad[:t.shape[0]] = t.detach().to(on)
+    parts = [torch.empty_like(pad) for _ in range(world)]
+    tdist.all_gather(parts, pad, group=group)
+    return torch.cat([p[:b - a] for p, (a, b) in zip(parts, spans)]).cpu()
+
+
+def _table_state_ids(model, opt):
+    """Keys of ``opt.state_dict()["state"]`` that belong to the item table."""
+    ids, i = [], 0
+    for g in opt.param_groups:
+        for p in g["params"]:
+            if p is model.item_emb.weight:
+                ids.append(i)
+            i += 1
+    return ids
+
+
+def _full_states(model, opts):
+    """-> (model state, optimizer states) with the whole item table (gathered when sharded)."""
+    ms = model.state_dict()
+    osd = [o.state_dict() for o in opts]
+    if model.catalog_shard is None:
+        return ms, osd
+    ms = dict(ms)
+    ms["item_emb.weight"] = _gather_rows(model.item_emb.weight, model)
+    n_local = model.item_emb.weight.shape[0]
+    for o, sd in zip(opts, osd):
+        for i in _table_state_ids(model, o):
+            st = sd["state"].get(i)
+            if st is None:
+                continue
+            sd["state"][i] = {k: (_gather_rows(v, model) if isinstance(v, torch.Tensor)
+                                  and v.dim() >= 1 and v.shape[0] == n_local else v)
+                              for k, v in st.items()}
+    return ms, osd
+
+
+def _shard_optimizer_state(model, opt, sd):
+    """A whole-table optimizer state -> this rank's rows (identity when not sharded)."""
+    if model.catalog_shard is None:
+        return sd
+    lo, hi = model.catalog_shard[3:]
+    sd = {"state": dict(sd["state"]), "param_groups": sd["param_groups"]}
+    for i in _table_state_ids(model, opt):
+        st = sd["state"].get(i)
+        if st is not None:
+            sd["state"][i] = {k: (v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() >= 1
+                                  and v.shape[0] == model.n_items else v) for k, v in st.items()}
+    return sd
+
+
+def _load_model_state(model, state):
+    """Load a whole-table model state (slicing this rank's rows when sharded)."""
+    if model.catalog_shard is not None:
+        lo, hi = model.catalog_shard[3:]
+        state = dict(state)
+        state["item_emb.weight"] = state["item_emb.weight"][lo:hi]
+    model.load_state_dict(state)
+
+
 def ddp_unsupported(cfg: TrainConfig, dist_backend: str) -> Optional[str]:
     """Why ``cfg`` cannot train data-parallel on ``dist_backend`` ("gloo" | "nccl"), or None.
     The row-wise optimizers take sparse item-table gradients, which DDP all-reduces only on
@@ -204,7 +277,26 @@ def _train(cfg: TrainConfig, ctx, device, callback) -> dict:
         log.info("rank %d/%d on %s: %d rows per rank, global batch %d", ctx.rank,
                  ctx.world_size, device, cfg.batch_size, cfg.batch_size * ctx.world_size)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, ds.n_items, **model_kwargs(cfg)).to(device)
+    last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
+    model = build_model(cfg.model, ds.n_items, **model_kwargs(cfg))   # built on the CPU
+    ck = None
+    if cfg.resume:
+        if not os.path.exists(last_path):
+            raise ValueError(f"resume=True but {last_path} does not exist")
+        ck = torch.load(last_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ck["model"])
+    if cfg.shard_catalog:
+        if not ctx.enabled:
+            raise ValueError("shard_catalog=True needs several ranks (run under torchrun "
+                             "--nproc_per_node N with N >= 2)")
+        import torch.distributed as tdist
+
+        # its own group: the catalog collectives never interleave with DDP's gradient buckets
+        model.shard_catalog(tdist.new_group())
+        lo, hi = model.catalog_shard[3:]
+        log.info("rank %d/%d holds items [%d, %d) of %d", ctx.rank, ctx.world_size, lo, hi,
+                 ds.n_items)
+    model = model.to(device)
     model.generator = torch.Generator(device=device)
     model.generator.manual_seed(cfg.seed + 1)
     sampler = TrainSampler(ds.train_indptr, ds.train_items, batch_size=cfg.batch_size,
@@ -216,14 +308,9 @@ def _train(cfg: TrainConfig, ctx, device, callback) -> dict:
     if cfg.epochs is not None:
         total = max(1, int(math.ceil(cfg.epochs * int(ds.train_indptr[-1]) / global_batch)))
     step, best, bad, history, stopped = 0, -1.0, 0, [], False
-    last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
-    if cfg.resume:
-        if not os.path.exists(last_path):
-            raise ValueError(f"resume=True but {last_path} does not exist")
-        ck = torch.load(last_path, map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
+    if ck is not None:
         for o, s in zip(opts, ck["optimizers"]):
-            o.load_state_dict(s)
+            o.load_state_dict(_shard_optimizer_state(model, o, s))
         sampler.load_state_dict(ck["sampler"])
         model.generator.set_state(ck["model_generator"])
         step, best, bad, history, stopped = (ck["step"], ck["best"], ck["bad"], ck["history"],
@@ -239,6 +326,9 @@ def _train(cfg: TrainConfig, ctx, device, callback) -> dict:
         if why:
             raise ValueError(why)
 
+        if model.catalog_shard is not None:   # each rank's own rows: not averaged by DDP
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, ["item_emb.weight"])
         # model.forward(batch) is model.loss(batch): DDP's hooks see every step
         net = DistributedDataParallel(model, device_ids=[device.index or 0]
                                       if device.type == "cuda" else None)
@@ -250,9 +340,10 @@ def _train(cfg: TrainConfig, ctx, device, callback) -> dict:
 
     def checkpoint(path):
         nonlocal saved_step
+        model_state, opt_states = _full_states(model, opts)     # collective when sharded
         if not ctx.is_main:
             return
-        _save(path, model=model.state_dict(), optimizers=[o.state_dict() for o in opts],
+        _save(path, model=model_state, optimizers=opt_states,
               sampler=sampler.state_dict(), model_generator=model.generator.get_state(),
               step=step, best=best, bad=bad, history=history, stopped=stopped,
               config=dataclasses.asdict(cfg), n_items=ds.n_items,
@@ -336,12 +427,22 @@ def _train(cfg: TrainConfig, ctx, device, callback) -> dict:
     ctx.barrier(device)                    # rank 0 has finished writing best.pt
     # test with the best checkpoint
     if os.path.exists(best_path):
-        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=False)["model"])
+        _load_model_state(model, torch.load(best_path, map_location=device,
+                                            weights_only=False)["model"])
     test = _eval(model, ds.test, cfg, device, None, ctx.enabled)
     pop = evaluate_popularity(ds.item_counts, ds.test, cfg.topk)
     log_record({"step": step, "split": "test", **test})
+    exporter = model
+    if cfg.export and model.catalog_shard is not None:
+        # the whole table exists on rank 0's host only, for the export (collective gather)
+        state, _ = _full_states(model, [])
+        if ctx.is_main:
+            exporter = build_model(cfg.model, ds.n_items, **model_kwargs(cfg))
+            exporter.load_state_dict(state)
+            exporter.generator = torch.Generator()
     if cfg.export and ctx.is_main:
-        export_embeddings(model, ds.test, cfg, out, device)
+        export_embeddings(exporter, ds.test, cfg, out,
+                          device if exporter is model else torch.device("cpu"))
         if ds.item_category is not None:   # for `seqrec-fast plot` (t-SNE coloured by category)
             np.save(os.path.join(out, "item_category.npy"), ds.item_category)
     table = format_table({cfg.model: test, "most-popular": pop}, cfg.topk)

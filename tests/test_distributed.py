@@ -372,3 +372,91 @@ def test_sparse_optimizer_over_nccl_is_refused_clearly():
     assert ddp_unsupported(TrainConfig(optimizer="adam"), "nccl") is None
     # the full softmax keeps the table gradient dense: fine on NCCL
     assert ddp_unsupported(TrainConfig(optimizer="rowwise_adam", loss="full"), "nccl") is None
+
+
+# ----------------------------------------------------------------------------------------------
+# sharded embedding lookup (data-parallel ids)
+# ----------------------------------------------------------------------------------------------
+def _lookup_worker(rank, world):
+    from seqrec_fast.distributed import sharded_embedding
+
+    N, d = 23, 5
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(N, d, generator=g)
+    ids = [torch.randint(0, N, (4, 3), generator=g), torch.randint(0, N, (7,), generator=g)]
+    ids[0][0, 0] = ids[1][0]                         # an id both ranks use
+    ws = [torch.randn(*i.shape, d, generator=g) for i in ids]
+    # reference: one process, loss = sum over ranks of each rank's loss
+    full = table.clone().requires_grad_()
+    sum((F_emb(i, full) * w).sum() for i, w in zip(ids, ws)).backward()
+    for scale, sparse in ((1.0, False), (0.5, True)):
+        lo, hi = shard_rows(N, rank, world)
+        shard = table[lo:hi].clone().requires_grad_()
+        out = sharded_embedding(ids[rank], shard, "default", grad_scale=scale, sparse_grad=sparse)
+        _check(f"rank {rank} lookup", out, table[ids[rank]], torch.float32)
+        (out * ws[rank]).sum().backward()
+        got = shard.grad.to_dense() if sparse else shard.grad
+        assert shard.grad.is_sparse == sparse
+        _check(f"rank {rank} d_shard (scale {scale})", got, scale * full.grad[lo:hi],
+               torch.float32)
+
+
+def F_emb(ids, table):
+    return torch.nn.functional.embedding(ids, table)
+
+
+def test_sharded_embedding_matches_full_table():
+    spawn(_lookup_worker)
+
+
+# ----------------------------------------------------------------------------------------------
+# data parallel with the item table sharded across ranks (train(shard_catalog=True))
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model, loss, optimizer", [
+    ("comirec-dr", "sampled", "adam"),
+    ("comirec-sa", "full", "adam"),
+    ("youtubednn", "sampled", "rowwise_adam"),
+])
+def test_sharded_catalog_training_matches_single_process(tmp_path, model, loss, optimizer):
+    """2 ranks each holding half of the item table x batch 16 == 1 process x batch 32: the
+    gathered table, every other parameter, the optimizer state, the losses and the sharded
+    retrieval metrics all match; the checkpoint (whole table) evaluates in one process."""
+    from seqrec_fast.train import evaluate_checkpoint, train
+
+    torch.set_num_threads(1)
+    kw = dict(model=model, loss=loss, optimizer=optimizer, export=True)
+    train(**_train_kwargs(tmp_path / "single", batch_size=32, **kw))
+    spawn(_ddp_train_worker, _train_kwargs(tmp_path / "shard", batch_size=16,
+                                           shard_catalog=True, **kw))
+    a = _model_state(tmp_path / "single" / "last.pt")
+    b = _model_state(tmp_path / "shard" / "last.pt")
+    assert b["model"]["item_emb.weight"].shape == a["model"]["item_emb.weight"].shape
+    for name, want in a["model"].items():
+        atol = 2 * 1e-3 * 12 if name.endswith("b2") else 2e-5     # see the DDP test
+        assert_close(b["model"][name], want, atol=atol, rtol=1e-4, name=f"{model} {name}")
+    for oa, ob in zip(a["optimizers"], b["optimizers"]):
+        for i, st in oa["state"].items():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == 201:
+                    assert_close(ob["state"][i][k].float(), v.float(), atol=1e-6, rtol=1e-3,
+                                 name=f"optimizer {i} {k}")
+    read = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]
+    ra, rb = read(tmp_path / "single"), read(tmp_path / "shard")
+    for x, y in zip(ra, rb):
+        for k in ("recall@20", "recall@50", "ndcg@50", "hitrate@50"):
+            assert y[k] == pytest.approx(x[k], abs=1e-9), (k, x, y)
+        if "loss" in x:
+            assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+    import numpy as np
+
+    assert np.allclose(np.load(tmp_path / "shard" / "item_emb.npy"),
+                       np.load(tmp_path / "single" / "item_emb.npy"), atol=2e-5)
+    m = evaluate_checkpoint(str(tmp_path / "shard" / "best.pt"), "test", retriever="torch")
+    assert m["recall@50"] == pytest.approx(rb[-1]["recall@50"], abs=1e-9)
+
+
+def test_shard_catalog_needs_several_ranks(tmp_path):
+    from seqrec_fast.train import train
+
+    with pytest.raises(ValueError, match="shard_catalog=True needs several ranks"):
+        train(**_train_kwargs(tmp_path, model="youtubednn", batch_size=8, shard_catalog=True))

@@ -80,10 +80,42 @@ class SeqRecModel(nn.Module):
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
         self.generator: Optional[torch.Generator] = None  # set by the trainer for reproducibility
+        # (group, rank, world, lo, hi) once shard_catalog() kept only rows [lo, hi) here
+        self.catalog_shard: Optional[tuple] = None
+
+    # ------------------------------------------------------------ catalog parallel
+    def shard_catalog(self, process_group="default") -> "SeqRecModel":
+        """Keep only this rank's rows of the item table (``shard_rows(n_items, rank, W)``), for
+        data-parallel training where the catalog does not fit one device (every rank of
+        ``process_group`` must call it, on identical full tables; call it before moving the
+        model to its device). Afterwards lookups are collective (``sharded_embedding``), the
+        full softmax runs catalog-parallel on the gathered batch, ``item_embeddings()`` is
+        refused, and the table's gradient is scaled as DistributedDataParallel scales the
+        replicated parameters' (mean over ranks). Returns self."""
+        from ..ops._catalog_parallel import check_group, shard_rows
+
+        if self.catalog_shard is not None:
+            raise RuntimeError("the item table is already sharded")
+        group, rank, world = check_group(process_group)
+        lo, hi = shard_rows(self.n_items, rank, world)
+        old = self.item_emb
+        new = nn.Embedding(hi - lo, self.dim, sparse=old.sparse, device=old.weight.device,
+                           dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(old.weight[lo:hi])
+        self.item_emb = new
+        self.catalog_shard = (group, rank, world, lo, hi)
+        return self
 
     # ---------------------------------------------------------------- helpers
     def embed(self, ids: Tensor) -> Tensor:
         """ids (...) int64 -> (..., d), sparse gradients when ``sparse``."""
+        if self.catalog_shard is not None:
+            from ..ops._catalog_parallel import sharded_embedding
+
+            group, _, world, lo, _ = self.catalog_shard
+            return sharded_embedding(ids, self.item_emb.weight, group, offset=lo,
+                                     grad_scale=1.0 / world, sparse_grad=self.item_emb.sparse)
         return F.embedding(ids, self.item_emb.weight, sparse=self.item_emb.sparse)
 
     def _check_history(self, history: Tensor, mask: Tensor):
@@ -96,7 +128,17 @@ class SeqRecModel(nn.Module):
 
     def item_embeddings(self) -> Tensor:
         """-> (n_items, d) output item table (row 0 = padding, never retrieved)."""
+        if self.catalog_shard is not None:
+            raise RuntimeError("the item table is sharded across ranks (shard_catalog): this "
+                               "rank holds rows [%d, %d) only; see item_shard()"
+                               % self.catalog_shard[3:])
         return self.item_emb.weight
+
+    def item_shard(self) -> tuple:
+        """-> (first id, (n_rows, d) rows) of the item table held here (all of it, offset 0,
+        unless ``shard_catalog`` was called)."""
+        lo = 0 if self.catalog_shard is None else self.catalog_shard[3]
+        return lo, self.item_emb.weight
 
     def user_embeddings(self, history: Tensor, mask: Tensor) -> Tensor:  # pragma: no cover
         """history: (B, L) int64, mask: (B, L) bool -> (B, K, d)."""
@@ -153,6 +195,8 @@ class SeqRecModel(nn.Module):
         user = self.read_out(interests, tgt_emb)                          # (B, d)
         if self.loss_type == "full":
             bias = self._pad_bias(user.device)
+            if self.catalog_shard is not None:
+                return self._sharded_full_softmax(user.float(), target, bias)
             return _ops.full_softmax(user.float(), self.item_emb.weight, target, bias, self.backend)
         B = target.shape[0]
         S = self.num_negatives or self.neg_ratio * B
@@ -165,12 +209,29 @@ class SeqRecModel(nn.Module):
                                     self.backend)
 
     def _pad_bias(self, device):
+        """(rows held here,) zeros with -1e4 at padding id 0 (never a valid prediction)."""
         b = getattr(self, "_bias", None)
-        if b is None or b.device != device or b.shape[0] != self.n_items:
-            b = torch.zeros(self.n_items, device=device)
-            b[0] = -1e4   # padding is never a valid prediction
+        n = self.item_emb.weight.shape[0]
+        if b is None or b.device != device or b.shape[0] != n:
+            b = torch.zeros(n, device=device)
+            if self.catalog_shard is None or self.catalog_shard[3] == 0:
+                b[0] = -1e4
             self._bias = b
         return b
+
+    def _sharded_full_softmax(self, user: Tensor, target: Tensor, bias: Tensor) -> Tensor:
+        """Full softmax over a sharded catalog: the ranks' rows are gathered (the loss is then
+        the mean over the global batch, the same on every rank) and the catalog-parallel
+        ``linear_cross_entropy`` runs on them; the rows' gradients are scaled by W so that
+        DistributedDataParallel's averaging gives the global batch's gradient."""
+        from ..ops._catalog_parallel import gather_batch
+        from ..ops.softmax import linear_cross_entropy
+
+        group, _, world, _, _ = self.catalog_shard
+        user_g = gather_batch(user, group, grad_scale=float(world))
+        target_g = gather_batch(target, group)
+        return linear_cross_entropy(user_g, self.item_emb.weight, target_g, bias=bias,
+                                    backend=self.backend, process_group=group)
 
     def extra_repr(self) -> str:
         return (f"n_items={self.n_items}, dim={self.dim}, max_len={self.max_len}, "
