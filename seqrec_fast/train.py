@@ -228,8 +228,10 @@ def _load_model_state(model, state):
 def ddp_unsupported(cfg: TrainConfig, dist_backend: str) -> Optional[str]:
     """Why ``cfg`` cannot train data-parallel on ``dist_backend`` ("gloo" | "nccl"), or None.
     The row-wise optimizers take sparse item-table gradients, which DDP all-reduces only on
-    gloo: NCCL has no sparse all-reduce in torch."""
-    if dist_backend == "nccl" and cfg.optimizer != "adam" and cfg.loss == "sampled":
+    gloo: NCCL has no sparse all-reduce in torch. With ``shard_catalog`` the table is not a DDP
+    parameter (its lookups all-reduce dense row blocks), so any optimizer works."""
+    if (dist_backend == "nccl" and cfg.optimizer != "adam" and cfg.loss == "sampled"
+            and not cfg.shard_catalog):   # a sharded table stays out of DDP's all-reduce
         return (f"optimizer={cfg.optimizer!r} keeps the item-table gradient sparse, and "
                 "DistributedDataParallel cannot all-reduce sparse gradients over NCCL; use "
                 "optimizer='adam' (dense) for multi-GPU training, or the gloo backend")

@@ -342,7 +342,9 @@ def test_dying_rank_gives_clear_error_and_keeps_checkpoint(tmp_path):
     assert not list(out.glob("*.tmp")), "a partial checkpoint file was left behind"
 
 
-def test_cli_under_torchrun(tmp_path):
+@pytest.mark.parametrize("model, extra", [("comirec-sa", []),
+                                          ("mind", ["--shard-catalog", "--loss", "full"])])
+def test_cli_under_torchrun(tmp_path, model, extra):
     """`torchrun --standalone --nproc_per_node 2 -m seqrec_fast train ...` on CPU (gloo): one
     table printed (rank 0), rank-0 outputs, a checkpoint that records both ranks."""
     import subprocess
@@ -351,12 +353,12 @@ def test_cli_under_torchrun(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "seqrec_fast", "train", "--model", "comirec-sa", "--synthetic",
+           "2", "-m", "seqrec_fast", "train", "--model", model, "--synthetic",
            json.dumps(SMALL), "--dim", "16", "--steps", "10", "--eval-every", "5",
            "--batch-size", "16", "--device", "cpu", "--no-progress", "--out-dir", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert r.stdout.count("| comirec-sa |") == 1, r.stdout
+    assert r.stdout.count(f"| {model} |") == 1, r.stdout
     ck = _model_state(out / "last.pt")
     assert ck["world_size"] == 2 and ck["step"] == 10
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -372,6 +374,9 @@ def test_sparse_optimizer_over_nccl_is_refused_clearly():
     assert ddp_unsupported(TrainConfig(optimizer="adam"), "nccl") is None
     # the full softmax keeps the table gradient dense: fine on NCCL
     assert ddp_unsupported(TrainConfig(optimizer="rowwise_adam", loss="full"), "nccl") is None
+    # a sharded table is not a DDP parameter
+    assert ddp_unsupported(TrainConfig(optimizer="rowwise_adagrad", shard_catalog=True),
+                           "nccl") is None
 
 
 # ----------------------------------------------------------------------------------------------
