@@ -465,3 +465,21 @@ def test_shard_catalog_needs_several_ranks(tmp_path):
 
     with pytest.raises(ValueError, match="shard_catalog=True needs several ranks"):
         train(**_train_kwargs(tmp_path, model="youtubednn", batch_size=8, shard_catalog=True))
+
+
+def test_sharded_resume_continues_a_single_process_run(tmp_path):
+    """12 steps in one process, 6 more with the table sharded over 2 ranks (model and Adam
+    state sliced from the checkpoint) == 18 steps in one process."""
+    from seqrec_fast.train import train
+
+    torch.set_num_threads(1)
+    kw = dict(model="comirec-dr", loss="sampled", optimizer="adam")
+    train(**_train_kwargs(tmp_path / "ref", batch_size=32, steps=18, **kw))
+    train(**_train_kwargs(tmp_path / "run", batch_size=32, steps=12, **kw))
+    spawn(_ddp_train_worker, _train_kwargs(tmp_path / "run", batch_size=16, steps=18,
+                                           resume=True, shard_catalog=True, **kw))
+    a = _model_state(tmp_path / "ref" / "last.pt")
+    b = _model_state(tmp_path / "run" / "last.pt")
+    assert b["step"] == 18 and b["world_size"] == 2
+    for name, want in a["model"].items():
+        assert_close(b["model"][name], want, atol=2e-5, rtol=1e-4, name=name)
