@@ -232,3 +232,47 @@ def test_dr_bilinear_init():
     assert 0.8 < m.routing.weight.std().item() < 1.2        # ComiRec's N(0, 1)
     with pytest.raises(ValueError, match="bilinear_init"):
         ComiRecDR(N, dim=D, max_len=L, bilinear_init="xavier")
+
+
+@pytest.mark.parametrize("name", ["comirec-dr", "comirec-sa", "mind", "youtubednn", "gru4rec"])
+@pytest.mark.parametrize("loss", ["sampled", "full"])
+def test_one_dense_item_grad_per_step(name, loss, monkeypatch):
+    # a model's loss looks the item table up through one alias whose backward builds ONE dense
+    # gradient: the same gradients as direct dense lookups, dense layout
+    from seqrec_fast.models import _ops, base
+    from seqrec_fast.models._ops import one_dense_grad_table
+
+    calls = []
+    monkeypatch.setattr(_ops, "one_dense_grad_table",
+                        lambda w: calls.append(1) or one_dense_grad_table(w))
+
+    torch.manual_seed(0)
+    m = build_model(name, N, dim=D, max_len=L, loss=loss, num_negatives=20, backend="eager")
+    ref = build_model(name, N, dim=D, max_len=L, loss=loss, num_negatives=20, backend="eager")
+    ref.load_state_dict(m.state_dict())
+    m.generator, ref.generator = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    m.loss(_batch()).backward()
+    ref._loss(_batch()).backward()                              # the direct lookups
+    assert m._step_table is None and len(calls) == 1
+    for (n, p), q in zip(m.named_parameters(), ref.parameters()):
+        assert p.grad.layout == torch.strided, n
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-6, msg=n)
+    # the op itself: several lookups, repeated ids, and a dense use of the table
+    w = torch.randn(30, 4, requires_grad=True)
+    w2 = w.detach().clone().requires_grad_()
+    ids = [torch.tensor([[1, 2, 2], [0, 29, 1]]), torch.tensor([5, 1])]
+    t = one_dense_grad_table(w)
+    out = sum((torch.nn.functional.embedding(i, t, sparse=True) ** 2).sum() for i in ids)
+    (out + (t * 0.5).sum()).backward()
+    out2 = sum((torch.nn.functional.embedding(i, w2) ** 2).sum() for i in ids)
+    (out2 + (w2 * 0.5).sum()).backward()
+    assert w.grad.layout == torch.strided
+    torch.testing.assert_close(w.grad, w2.grad)
+    # no alias when gradients are sparse (row-wise optimizers) or not needed
+    ms = build_model(name, N, dim=D, max_len=L, sparse=True, num_negatives=20, backend="eager")
+    ms.generator = torch.Generator().manual_seed(1)
+    ms.loss(_batch()).backward()
+    assert ms.item_emb.weight.grad.is_sparse
+    with torch.no_grad():
+        assert torch.isfinite(m.loss(_batch()))
+    assert len(calls) == 1

@@ -28,6 +28,13 @@ SAMPLERS = ("log_uniform", "uniform")
 READOUTS = ("hard", "pow")
 
 
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - old torch
+        return False
+
+
 class SeqRecModel(nn.Module):
     """Base class. Args:
       n_items: item-table rows INCLUDING padding 0. dim: d. max_len: L (history length).
@@ -45,6 +52,7 @@ class SeqRecModel(nn.Module):
         the constructor raises ValueError (see ``seqrec_fast.models._ops.check_backend``).
     """
     multi_interest = False
+    _step_table: Optional[Tensor] = None   # the item table's alias during one loss() call
     interest_op: Optional[str] = None   # the fused op computing the interests (backend registry name)
 
     def __init__(self, n_items: int, dim: int = 64, max_len: int = 20, *, loss: str = "sampled",
@@ -116,6 +124,8 @@ class SeqRecModel(nn.Module):
             group, _, world, lo, _ = self.catalog_shard
             return sharded_embedding(ids, self.item_emb.weight, group, offset=lo,
                                      grad_scale=1.0 / world, sparse_grad=self.item_emb.sparse)
+        if self._step_table is not None:
+            return F.embedding(ids, self._step_table, sparse=True)
         return F.embedding(ids, self.item_emb.weight, sparse=self.item_emb.sparse)
 
     def _check_history(self, history: Tensor, mask: Tensor):
@@ -180,7 +190,24 @@ class SeqRecModel(nn.Module):
         return self.loss(batch)
 
     def loss(self, batch: dict) -> Tensor:
-        """batch: {"history": (B, L) int64, "mask": (B, L) bool, "target": (B,) int64} -> scalar."""
+        """batch: {"history": (B, L) int64, "mask": (B, L) bool, "target": (B,) int64} -> scalar.
+
+        On CPU with a dense item-table gradient, the step's lookups (history, targets,
+        negatives) go through one alias of the table whose backward builds the (n_items, d)
+        gradient once (``_ops.one_dense_grad_table``) instead of once per lookup plus their
+        sum: the same gradient, dense as before."""
+        w = self.item_emb.weight
+        if (self.item_emb.sparse or self._step_table is not None
+                or self.catalog_shard is not None or not torch.is_grad_enabled()
+                or not w.requires_grad or w.device.type != "cpu" or _compiling()):
+            return self._loss(batch)
+        self._step_table = _ops.one_dense_grad_table(w)
+        try:
+            return self._loss(batch)
+        finally:
+            self._step_table = None
+
+    def _loss(self, batch: dict) -> Tensor:
         if not isinstance(batch, dict):
             raise TypeError(f"batch must be a dict, got {type(batch).__name__}")
         missing = [k for k in ("history", "mask", "target") if k not in batch]
