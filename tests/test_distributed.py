@@ -59,7 +59,7 @@ def _check(name, got, want, dtype):
 # ----------------------------------------------------------------------------------------------
 # linear_cross_entropy
 # ----------------------------------------------------------------------------------------------
-def _lce_worker(rank, world, backends):
+def _lce_worker(rank, world, backends, device="cpu"):
     B, d = 7, 12
     cases = [
         dict(N=37, sizes=None, dtype=torch.float32, bias=True, T=1.0, eps=0.0, red="mean"),
@@ -82,6 +82,8 @@ def _lce_worker(rank, world, backends):
             target[2] = N - 1                                # last row of the last shard
             target[3] = 0
             up = torch.randn(B, generator=g, dtype=dt)       # upstream weights for "none"
+            user, items, target, up = (t.to(device) for t in (user, items, target, up))
+            bias = bias.to(device) if bias is not None else None
             kw = dict(temperature=c["T"], label_smoothing=c["eps"], reduction=c["red"],
                       backend=backend)
 
@@ -112,10 +114,17 @@ def test_sharded_linear_cross_entropy_matches_single_process():
     spawn(_lce_worker, ["eager"] + fused_backends("linear_cross_entropy"))
 
 
+@pytest.mark.cuda
+def test_sharded_losses_on_cuda_tensors():
+    """The same comparisons on the GPU (Triton kernels; gloo carries CUDA tensors)."""
+    spawn(_lce_worker, ["eager"] + fused_backends("linear_cross_entropy", "cuda"), "cuda")
+    spawn(_sampled_worker, ["eager"] + fused_backends("sampled_softmax", "cuda"), "cuda")
+
+
 # ----------------------------------------------------------------------------------------------
 # sampled_softmax_loss
 # ----------------------------------------------------------------------------------------------
-def _sampled_worker(rank, world, backends):
+def _sampled_worker(rank, world, backends, device="cpu"):
     B, d, N = 6, 10, 29
     cases = [
         dict(shared=True, in_batch=True, hits=True, logq=True, T=1.0, dtype=torch.float32),
@@ -140,6 +149,9 @@ def _sampled_worker(rank, world, backends):
             neg.view(-1)[1] = neg.view(-1)[2]               # duplicate negative
             log_q = torch.randn(shape, generator=g, dtype=dt) if c["logq"] else None
             t_lq = torch.randn(B, generator=g, dtype=dt) if c["logq"] else None
+            user, items, target, neg = (t.to(device) for t in (user, items, target, neg))
+            log_q = log_q.to(device) if log_q is not None else None
+            t_lq = t_lq.to(device) if t_lq is not None else None
             kw = dict(log_q=log_q, target_log_q=t_lq, in_batch_negatives=c["in_batch"],
                       remove_accidental_hits=c["hits"], temperature=c["T"], backend=backend)
 
