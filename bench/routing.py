@@ -87,6 +87,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
+    bad = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if bad:
+        ap.error(f"--variants: unknown {bad}; choose from {sorted(VARIANTS)}")
     device = torch.device(args.device)
     if args.shapes:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
