@@ -32,6 +32,12 @@ def info() -> dict:
             dev = torch.device("cuda" if name == "cuda" or
                                (name == "triton" and torch.cuda.is_available()) else "cpu")
             backends[op][name] = backend.available(op, name, dev)
+    import torch.distributed as dist
+
+    dist_backends = []
+    if dist.is_available():
+        dist_backends = [n for n, ok in (("gloo", dist.is_gloo_available()),
+                                         ("nccl", dist.is_nccl_available())) if ok]
     return {
         "seqrec_fast": __version__,
         "python": platform.python_version(),
@@ -44,4 +50,5 @@ def info() -> dict:
         "extension_cuda": _ext.with_cuda(),
         "extension_error": _ext.LOAD_ERROR,
         "backends": backends,
+        "distributed": dist_backends,   # torch.distributed backends for torchrun / sharding
     }
