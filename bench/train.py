@@ -58,6 +58,10 @@ HEADLINE = (1024, 50, 4, 64, 1_000_000, 10240)
 GPU_SHAPES = [HEADLINE, (256, 50, 4, 64, 1_000_000, 2560)]
 CPU_SHAPES = [(256, 20, 4, 64, 100_000, 2560)]
 QUICK_SHAPES = [(64, 20, 4, 32, 20_000, 640)]
+# --gpu-suite also checks the scale targets: the full softmax at 1M items and batch 4096 (its
+# peak beyond parameters and optimizer state), and 10M items with the row-wise sparse optimizer
+SCALE_CASES = [("dr", "ours-full", (4096, 50, 4, 64, 1_000_000, 10240)),
+               ("dr", "ours-sparse", (1024, 50, 4, 64, 10_000_000, 10240))]
 PROVIDERS = ("seed", "eager", "eager-fused", "ours", "ours-full", "ours-sparse", "compile")
 DEFAULT_PROVIDERS = "seed,eager,eager-fused,ours,ours-full"
 BASELINES = ("seed", "eager", "eager-fused")   # the summary's speed-up columns
@@ -210,7 +214,8 @@ def main(argv=None):
                     help=f"comma list of {','.join(PROVIDERS)} (default {DEFAULT_PROVIDERS})")
     ap.add_argument("--quick", action="store_true", help="one small shape, few repetitions")
     ap.add_argument("--gpu-suite", action="store_true",
-                    help="only the headline shape (for bench/gpu_suite.sh; needs CUDA)")
+                    help="the headline shape and the scale cases (1M items x batch 4096 full "
+                         "softmax, 10M items row-wise Adam) for bench/gpu_suite.sh; needs CUDA")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--csv", default=None)
@@ -242,19 +247,20 @@ def main(argv=None):
     print(f"seqrec_fast {info['seqrec_fast']}, torch {info['torch']}, triton {info['triton']}, "
           f"extension {'built' if info['extension'] else 'missing: ' + str(info['extension_error'])}",
           file=sys.stderr)
+    plan = [(variant, p, shape) for shape in shapes for variant in variants for p in providers]
+    if args.gpu_suite:
+        plan += SCALE_CASES
     cases = []
-    for shape in shapes:
-        for variant in variants:
-            for p in providers:
-                # build lazily so that only one provider's parameters live at a time
-                holder = {}
+    for variant, p, shape in plan:
+        # build lazily so that only one provider's parameters live at a time
+        holder = {}
 
-                def fn(v=variant, p=p, s=shape, h=holder):
-                    if "run" not in h:
-                        h["run"] = build_case(v, p, s, device)
-                    h["run"]()
-                cases.append(_harness.Case(p, "train-step", shape_tag(shape), _Releasing(fn, holder),
-                                           variant=f"comirec-{variant}"))
+        def fn(v=variant, p=p, s=shape, h=holder):
+            if "run" not in h:
+                h["run"] = build_case(v, p, s, device)
+            h["run"]()
+        cases.append(_harness.Case(p, "train-step", shape_tag(shape), _Releasing(fn, holder),
+                                   variant=f"comirec-{variant}"))
     _harness.run_cases("train", cases, device, baseline=("eager",), csv_path=args.csv,
                        reps=3 if args.quick else args.reps)
     summary(cases)
