@@ -366,6 +366,7 @@ def _train(cfg: TrainConfig, ctx, device, callback) -> dict:
                or not ctx.is_main, desc=cfg.model, dynamic_ncols=True) if tqdm else None
     model.train()
     t0, s0, ema = time.perf_counter(), step, None
+    in_update = False                      # between the first optimizer step and step += 1
     try:
         while step < total and not stopped:
             batch = sampler.sample()
@@ -374,9 +375,11 @@ def _train(cfg: TrainConfig, ctx, device, callback) -> dict:
             for o in opts:
                 o.zero_grad(set_to_none=True)
             loss.backward()
+            in_update = True
             for o in opts:
                 o.step()
             step += 1
+            in_update = False
             lv = ctx.mean(float(loss.detach()), device)   # the same value on every rank
             if not math.isfinite(lv):
                 raise FloatingPointError(f"loss became {lv} at step {step}")
@@ -407,6 +410,20 @@ def _train(cfg: TrainConfig, ctx, device, callback) -> dict:
                             log.info("early stopping at step %d (best valid recall@50 %.4f)",
                                      step, best)
                 checkpoint(last_path)
+    except KeyboardInterrupt:
+        # nothing lost: the state after the last completed step goes to last.pt (rank 0; not
+        # with a sharded table, whose gather would need every rank)
+        if bar is not None:
+            bar.close()
+        if in_update or model.catalog_shard is not None:
+            log.warning("interrupted during step %d; %s", step + 1,
+                        f"{last_path} holds step {saved_step}" if saved_step is not None
+                        else "no checkpoint was written")
+        elif ctx.is_main:
+            checkpoint(last_path)
+            log.warning("interrupted after step %d: state saved to %s (continue with --resume)",
+                        step, last_path)
+        raise
     except Exception as e:
         if bar is not None:
             bar.close()

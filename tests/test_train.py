@@ -76,6 +76,27 @@ def test_resume_gives_the_same_state(tmp_path, model, opt):
     assert a["test"] == b["test"]
 
 
+def test_interrupt_saves_the_last_completed_step(tmp_path):
+    """Ctrl-C (KeyboardInterrupt) between steps writes last.pt at the last completed step;
+    --resume then continues exactly as the uninterrupted run."""
+    base = dict(model="comirec-dr", synthetic=SMALL, dim=16, batch_size=32, eval_every=5,
+                progress=False, export=False, seed=4)
+    a = train(TrainConfig(steps=12, out_dir=str(tmp_path / "a"), **base))
+
+    def interrupt(step, loss):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(steps=12, out_dir=str(tmp_path / "b"), **base), callback=interrupt)
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["step"] == 7
+    b = train(TrainConfig(steps=12, out_dir=str(tmp_path / "b"), resume=True, **base))
+    sa, sb = a["model"].state_dict(), b["model"].state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert a["test"] == b["test"]
+
+
 def test_bad_config_and_resume_errors(tmp_path):
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
