@@ -62,7 +62,9 @@ def shard_rows(n_items: int, rank: int, world_size: int) -> Tuple[int, int]:
 
 
 def check_group(process_group):
-    """-> (rank, world_size) of ``process_group`` (``"default"`` = the default group)."""
+    """-> (group, rank, world_size) for ``process_group``: a ProcessGroup, or ``"default"``
+    (the default group, returned as None as torch.distributed takes it). ValueError when
+    torch.distributed is not initialized or this process is not in the group."""
     dist = _dist()
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("process_group was given but torch.distributed is not initialized "
