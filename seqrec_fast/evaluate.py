@@ -361,6 +361,8 @@ def _evaluate_sharded(model, split, max_len, padding, ks, batch_size, device, lo
     rows, and the per-shard top-N lists are all-gathered and merged for the rank's own users."""
     import torch.distributed as dist
 
+    from .ops._catalog_parallel import all_gather_list
+
     topn = max(ks)
     on = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
     n_b = torch.tensor([(hi - lo + batch_size - 1) // batch_size], dtype=torch.int64, device=on)
@@ -381,15 +383,11 @@ def _evaluate_sharded(model, split, max_len, padding, ks, batch_size, device, lo
         b, K, d = ue.shape
         q = ue.reshape(b * K, d)
         cnt = torch.tensor([q.shape[0]], dtype=torch.int64, device=on)
-        cnts = [torch.empty_like(cnt) for _ in range(world)]
-        dist.all_gather(cnts, cnt, group=group)
-        cnts = [int(c.item()) for c in cnts]
+        cnts = [int(c.item()) for c in all_gather_list(cnt, group, world)]
         m = max(cnts)
         qp = q.new_zeros((m, d))
         qp[:q.shape[0]] = q
-        qs = [torch.empty_like(qp) for _ in range(world)]
-        dist.all_gather(qs, qp, group=group)
-        scores = torch.cat(qs) @ items.t()                          # (W·m, n_r)
+        scores = torch.cat(all_gather_list(qp, group, world)) @ items.t()                          # (W·m, n_r)
         if off == 0:
             scores[:, 0] = float("-inf")                             # padding
         k = min(topn, items.shape[0])
@@ -398,10 +396,8 @@ def _evaluate_sharded(model, split, max_len, padding, ks, batch_size, device, lo
         if k < topn:                                                 # small shard: pad
             ix = torch.cat([ix, ix.new_full((ix.shape[0], topn - k), -1)], 1)
             sc = torch.cat([sc, sc.new_full((sc.shape[0], topn - k), float("-inf"))], 1)
-        ids_all = [torch.empty_like(ix) for _ in range(world)]
-        sc_all = [torch.empty_like(sc) for _ in range(world)]
-        dist.all_gather(ids_all, ix, group=group)
-        dist.all_gather(sc_all, sc, group=group)
+        ids_all = all_gather_list(ix, group, world)
+        sc_all = all_gather_list(sc, group, world)
         if ptr is None:
             continue
         mine = slice(rank * m, rank * m + q.shape[0])

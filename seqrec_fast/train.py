@@ -158,7 +158,7 @@ def _gather_rows(t: torch.Tensor, model) -> torch.Tensor:
     CPU (collective over the model's catalog group)."""
     import torch.distributed as tdist
 
-    from .distributed import shard_rows
+    from .ops._catalog_parallel import all_gather_list, shard_rows
 
     group, rank, world, _, _ = model.catalog_shard
     spans = [shard_rows(model.n_items, r, world) for r in range(world)]
@@ -166,8 +166,7 @@ def _gather_rows(t: torch.Tensor, model) -> torch.Tensor:
     on = t.device if tdist.get_backend(group) == "nccl" else torch.device("cpu")
     pad = torch.zeros((m,) + tuple(t.shape[1:]), dtype=t.dtype, device=on)
     pad[:t.shape[0]] = t.detach().to(on)
-    parts = [torch.empty_like(pad) for _ in range(world)]
-    tdist.all_gather(parts, pad, group=group)
+    parts = all_gather_list(pad, group, world)
     return torch.cat([p[:b - a] for p, (a, b) in zip(parts, spans)]).cpu()
 
 

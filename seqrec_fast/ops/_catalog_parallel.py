@@ -44,6 +44,14 @@ def _dist():
     return dist
 
 
+def all_gather_list(x: Tensor, group, world: int) -> list:
+    """torch.distributed.all_gather into a fresh list of ``world`` tensors shaped like ``x``."""
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    _dist().all_gather(parts, x, group=group)
+    return parts
+
+
 def shard_rows(n_items: int, rank: int, world_size: int) -> Tuple[int, int]:
     """Default contiguous split of ``n_items`` rows over ``world_size`` ranks: -> (start, stop)
     of ``rank``'s shard; the first ``n_items % world_size`` ranks get one row more."""
@@ -110,10 +118,7 @@ class _GatherReplicated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, rank, world):
         ctx.rank = rank
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(world)]
-        _dist().all_gather(parts, x, group=group)
-        return torch.stack(parts)
+        return torch.stack(all_gather_list(x, group, world))
 
     @staticmethod
     def backward(ctx, grad):
@@ -155,9 +160,7 @@ def _exchange(group, rank, world, device, n_local: int, user: Tensor, *replicate
     vals += [_checksum(t) for t in replicated]
     mine = torch.tensor(vals, dtype=torch.float64,
                         device=device if dist.get_backend(group) == "nccl" else "cpu")
-    parts = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(parts, mine, group=group)
-    rows = [p.tolist() for p in parts]
+    rows = [p.tolist() for p in all_gather_list(mine, group, world)]
     names = ["batch size", "dim", None, "user values"] + [
         "target", "negatives", "log_q", "target_log_q"][:len(replicated)]
     for i, name in enumerate(names):
@@ -206,10 +209,7 @@ class _ShardCE(torch.autograd.Function):
         loc = t_aug.clamp(max=n - 1)
         z = (user.to(acc) * items[loc].to(acc)).sum(-1) + b[loc].to(acc)
         z_loc = torch.where(owned, z / temperature, torch.zeros_like(z))
-        parts = [torch.empty((2, user.shape[0]), dtype=acc, device=user.device)
-                 for _ in range(world)]
-        _dist().all_gather(parts, torch.stack([lse_r.to(acc), z_loc]).contiguous(), group=group)
-        G = torch.stack(parts)
+        G = torch.stack(all_gather_list(torch.stack([lse_r.to(acc), z_loc]), group, world))
         lse = torch.logsumexp(G[:, 0], dim=0)
         ctx.save_for_backward(user, items_aug, t_aug, bias_aug, lse, lse_r.to(acc), udir, owned)
         ctx.args = (temperature, backend, bias is not None, n)
@@ -335,10 +335,7 @@ class _GatherBatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, rank, world, grad_scale):
         ctx.args = (rank, x.shape[0], grad_scale)
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(world)]
-        _dist().all_gather(parts, x, group=group)
-        return torch.cat(parts)
+        return torch.cat(all_gather_list(x, group, world))
 
     @staticmethod
     def backward(ctx, grad):
@@ -355,15 +352,12 @@ def gather_batch(x: Tensor, process_group, *, grad_scale: float = 1.0) -> Tensor
     dist = _dist()
     shape = torch.tensor(list(x.shape), dtype=torch.int64,
                          device=x.device if dist.get_backend(group) == "nccl" else "cpu")
-    shapes = [torch.empty_like(shape) for _ in range(world)]
-    dist.all_gather(shapes, shape, group=group)
+    shapes = all_gather_list(shape, group, world)
     if any(not torch.equal(t, shapes[0]) for t in shapes):
         raise ValueError(f"gather_batch needs the same shape on every rank, got "
                          f"{[tuple(t.tolist()) for t in shapes]}")
     if not x.is_floating_point():
-        parts = [torch.empty_like(x.contiguous()) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts)
+        return torch.cat(all_gather_list(x, group, world))
     return _GatherBatch.apply(x, group, rank, world, float(grad_scale))
 
 
@@ -383,14 +377,11 @@ class _ShardedLookup(torch.autograd.Function):
         dist = _dist()
         flat = ids.reshape(-1)
         n = torch.tensor([flat.numel()], dtype=torch.int64, device=flat.device)
-        sizes = [torch.empty_like(n) for _ in range(world)]
-        dist.all_gather(sizes, n, group=group)
-        sizes = [int(x.item()) for x in sizes]
+        sizes = [int(x.item()) for x in all_gather_list(n, group, world)]
         m = max(sizes)
         padded = torch.full((m,), -1, dtype=torch.int64, device=flat.device)
         padded[:flat.numel()] = flat
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded, group=group)
+        parts = all_gather_list(padded, group, world)
         every = torch.cat([p[:k] for p, k in zip(parts, sizes)])
         uniq, inv = torch.unique(every, return_inverse=True)
         start = sum(sizes[:rank])
@@ -450,14 +441,12 @@ def sharded_embedding(ids: Tensor, shard: Tensor, process_group, *, offset: Opti
     if ids.device != shard.device:
         raise ValueError(f"ids are on {ids.device} but shard is on {shard.device}")
     if offset is None:
-        dist = _dist()
         n = torch.tensor([shard.shape[0]], dtype=torch.int64, device=shard.device)
-        sizes = [torch.empty_like(n) for _ in range(world)]
-        dist.all_gather(sizes, n, group=group)
+        sizes = all_gather_list(n, group, world)
         offset = int(sum(int(x.item()) for x in sizes[:rank]))
     return _ShardedLookup.apply(shard, ids, group, rank, world, int(offset), float(grad_scale),
                                 bool(sparse_grad))
 
 
-__all__ = ["shard_rows", "check_group", "linear_cross_entropy_sharded",
+__all__ = ["shard_rows", "check_group", "all_gather_list", "linear_cross_entropy_sharded",
            "sampled_softmax_sharded", "sharded_embedding", "gather_batch"]
