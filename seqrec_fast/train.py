@@ -100,6 +100,18 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs!r}")
+        if self.faiss_index not in ("flat", "ivf", "hnsw"):
+            raise ValueError(f"faiss_index must be 'flat', 'ivf' or 'hnsw', got {self.faiss_index!r}")
+        for name in ("faiss_nlist", "faiss_nprobe", "faiss_hnsw_m", "faiss_ef_search"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if (isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, (int, float))
+                or not self.dist_timeout > 0):
+            raise ValueError(f"dist_timeout must be a positive number of seconds, got "
+                             f"{self.dist_timeout!r}")
+        if not isinstance(self.shard_catalog, bool):
+            raise TypeError(f"shard_catalog must be a bool, got {type(self.shard_catalog).__name__}")
         self.topk = tuple(self.topk)
 
 

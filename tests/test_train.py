@@ -100,6 +100,14 @@ def test_interrupt_saves_the_last_completed_step(tmp_path):
 def test_bad_config_and_resume_errors(tmp_path):
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="faiss_index"):
+        TrainConfig(faiss_index="ivfpq")
+    with pytest.raises(ValueError, match="faiss_nprobe"):
+        TrainConfig(faiss_nprobe=0)
+    with pytest.raises(ValueError, match="dist_timeout"):
+        TrainConfig(dist_timeout=0)
+    with pytest.raises(TypeError, match="shard_catalog"):
+        TrainConfig(shard_catalog="yes")
     with pytest.raises(ValueError, match="resume"):
         train(TrainConfig(resume=True, out_dir=str(tmp_path / "none"), synthetic=SMALL))
     with pytest.raises(ValueError, match="checkpoint"):
