@@ -48,6 +48,14 @@ def test_cli_train_then_evaluate(tmp_path, capsys):
     # the evaluate command reproduces the test metrics the run logged
     m = evaluate_checkpoint(str(out / "best.pt"), "test")
     assert m["recall@50"] == pytest.approx(recs[-1]["recall@50"])
+    if faiss_available():
+        # the index flags reach the retriever: IVF probing every list is exact
+        rc = main(["evaluate", str(out / "best.pt"), "--retriever", "faiss", "--faiss-index",
+                   "ivf", "--faiss-nprobe", "100000"])
+        assert rc == 0
+        assert f"{m['recall@50']:.4f}" in capsys.readouterr().out
+        with pytest.raises(SystemExit):
+            main(["evaluate", str(out / "best.pt"), "--faiss-index", "pq"])
 
 
 def test_python_m_entry_point():
