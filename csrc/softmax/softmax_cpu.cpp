@@ -256,9 +256,11 @@ std::vector<at::Tensor> linear_cross_entropy_bwd_cpu(
 // accidental hits (a candidate other than the positive with id == target[b]) and the in-batch
 // diagonal are masked to -inf, i.e. removed from the partition sum. Chunked like the full
 // catalog: memory O(B·chunk) for shared columns and O(B·chunk·d) for per-row negatives; one
-// parallel region per candidate kind, per-thread lse / dU; item gradients of a chunk are complete
-// over the batch and scatter-added into (N, d) under a mutex (ids repeat across chunks), so the
-// summation order of repeated ids may vary between runs (last-bit differences only).
+// parallel region per candidate kind, per-thread lse / dU. Item gradients of a chunk are
+// complete over the batch: the shared columns' (C, d) are scatter-added once after the parallel
+// region (deterministic); per-row negatives' are scatter-added per chunk under a mutex (ids
+// repeat across chunks), so there the summation order of repeated ids may vary between runs
+// (last-bit differences only).
 // ---------------------------------------------------------------------------------------------
 namespace {
 
@@ -431,9 +433,12 @@ std::vector<at::Tensor> sampled_softmax_bwd_cpu(
   at::Tensor du_t;
   if (need_user) du_t = at::zeros({at::get_num_threads(), B, d}, user.options().dtype(acc));
   at::Tensor dw = need_items ? at::zeros({N, d}, user.options().dtype(acc)) : at::Tensor();
-  std::mutex scatter;  // item rows repeat across chunks: the scatter-adds take turns
+  std::mutex scatter;  // per-row negatives: item rows repeat across chunks, scatters take turns
   if (p.col_ids.defined()) {
     const int64_t C = p.col_ids.size(0), step = sampled_chunk(B, C);
+    // the shared columns' item gradients (C, d) are complete per chunk: each chunk writes its
+    // own rows, and ONE index_add afterwards sums repeated ids in column order (deterministic)
+    at::Tensor gcol = need_items ? at::empty({C, d}, user.options().dtype(acc)) : at::Tensor();
     at::parallel_for(0, (C + step - 1) / step, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const int64_t c0 = c * step, n = std::min(step, C - c0);
@@ -442,12 +447,12 @@ std::vector<at::Tensor> sampled_softmax_bwd_cpu(
         dz.sub_(lse_col).exp_().mul_(g_col);
         if (need_user) du_t[at::get_thread_num()].addmm_(dz, wc);
         if (need_items) {
-          at::Tensor gc = at::mm(dz.t(), p.us);  // (n, d), complete over the batch
-          std::lock_guard<std::mutex> lock(scatter);
-          dw.index_add_(0, p.col_ids.narrow(0, c0, n), gc);
+          at::Tensor out = gcol.narrow(0, c0, n);
+          at::mm_out(out, dz.t(), p.us);
         }
       }
     });
+    if (need_items) dw.index_add_(0, p.col_ids, gcol);
   }
   if (p.row_neg.defined()) {
     const int64_t S = p.row_neg.size(1), step = sampled_chunk(B * d, S);
