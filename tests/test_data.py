@@ -403,6 +403,28 @@ def test_sampler_invariants(padding):
     assert s.throughput(20) > 0
 
 
+def test_sampler_ranks_split_one_global_batch():
+    """world_size ranks with batch B draw exactly the rows of one batch of W·B, each its own
+    contiguous part, and their generator state is that of the single process."""
+    ds = synthetic_dataset(n_users=300, n_items=200, n_interests=8)
+    kw = dict(max_len=10, seed=5)
+    single = TrainSampler(ds.train_indptr, ds.train_items, batch_size=48, **kw)
+    ranks = [TrainSampler(ds.train_indptr, ds.train_items, batch_size=16, rank=r, world_size=3,
+                          **kw) for r in range(3)]
+    for _ in range(3):
+        want = single.sample()
+        got = [s.sample() for s in ranks]
+        for key in ("history", "mask", "target", "user"):
+            assert torch.equal(torch.cat([g[key] for g in got]), want[key]), key
+        assert not torch.equal(got[0]["user"], got[1]["user"])
+    for s in ranks:
+        assert torch.equal(s.state_dict()["generator"], single.state_dict()["generator"])
+    with pytest.raises(ValueError, match="rank must be in"):
+        TrainSampler(ds.train_indptr, ds.train_items, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="world_size"):
+        TrainSampler(ds.train_indptr, ds.train_items, world_size=0)
+
+
 def test_sampler_errors():
     with pytest.raises(ValueError, match="min_pos"):
         TrainSampler(np.array([0, 3]), np.array([1, 2, 3]), batch_size=2)
