@@ -53,6 +53,52 @@ def device_name(device: torch.device) -> str:
     return f"CPU {name} x{torch.get_num_threads()} threads"
 
 
+def base_parser(doc: str, providers: str, modes: Optional[str] = None):
+    """The options every bench script shares: --device, --providers, [--modes], --quick, --reps,
+    --csv. -> argparse.ArgumentParser to add the script's own options to."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--providers", default=providers)
+    if modes is not None:
+        ap.add_argument("--modes", default=modes, help="comma list of fwd, fwd+bwd")
+    ap.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--csv", default=None)
+    return ap
+
+
+def pick_shapes(args, device: torch.device, quick, gpu, cpu) -> list:
+    """--shapes "a,b,c ..." when given, else the quick / GPU / CPU default list."""
+    if getattr(args, "shapes", None):
+        return [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+    if args.quick:
+        return list(quick)
+    return list(gpu if device.type == "cuda" else cpu)
+
+
+def usable_providers(providers: str, device: torch.device) -> list:
+    """The comma list as a list, without ``triton`` on CPU unless the interpreter is on (it is
+    for tests, not for timing)."""
+    from seqrec_fast import backend
+
+    out = providers.split(",")
+    if device.type == "cpu" and "triton" in out and not backend.triton_interpreting():
+        out.remove("triton")
+    return out
+
+
+def print_versions() -> None:
+    """One line on stderr: package, torch and triton versions, extension status."""
+    import seqrec_fast
+
+    info = seqrec_fast.info()
+    ext = "built" if info["extension"] else "missing: " + str(info["extension_error"])
+    print(f"seqrec_fast {info['seqrec_fast']}, torch {info['torch']}, triton {info['triton']}, "
+          f"extension {ext}", file=sys.stderr)
+
+
 def stable_malloc() -> None:
     """Re-exec once with a fixed glibc mmap threshold so that freed large CPU buffers go back
     to the OS and the peak-RSS reading of each case is meaningful (glibc otherwise raises the

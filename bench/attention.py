@@ -11,7 +11,6 @@ speed-up vs torch.compile or eager) and appends rows to bench/results/attention.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -20,7 +19,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import _harness  # noqa: E402
-import seqrec_fast  # noqa: E402
 from seqrec_fast import backend as B  # noqa: E402
 from seqrec_fast.ops.attention import multi_interest_attention  # noqa: E402
 from seqrec_fast.reference.attention import attention_ref  # noqa: E402
@@ -76,36 +74,20 @@ def build_cases(shapes, dtypes, device, providers, modes):
 
 def main(argv=None):
     _harness.stable_malloc()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = _harness.base_parser(__doc__, "eager,compile,triton,cuda,cpp", "fwd,fwd+bwd")
     ap.add_argument("--dtype", default="fp32", help="comma list of " + ",".join(sorted(DTYPES)))
     ap.add_argument("--shapes", nargs="*", help="B,L,K,d ...")
-    ap.add_argument("--providers", default="eager,compile,triton,cuda,cpp")
-    ap.add_argument("--modes", default="fwd,fwd+bwd")
-    ap.add_argument("--quick", action="store_true", help="one small shape, few repetitions")
     ap.add_argument("--gpu-suite", action="store_true",
                     help="GPU headline shapes in fp32, plus bf16 fwd+bwd at the first one")
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype_names = args.dtype.split(",")
     for name in dtype_names:
         if name not in DTYPES:
             ap.error(f"--dtype: unknown {name!r} (choose from {sorted(DTYPES)})")
-    if args.shapes:
-        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
-    elif args.quick:
-        shapes = QUICK_SHAPES
-    else:
-        shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
-    providers = args.providers.split(",")
-    if device.type == "cpu" and "triton" in providers and not B.triton_interpreting():
-        providers.remove("triton")  # Triton needs a GPU (the interpreter is for tests, not speed)
-    info = seqrec_fast.info()
-    print(f"seqrec_fast {info['seqrec_fast']}, torch {info['torch']}, triton {info['triton']}, "
-          f"extension {'built' if info['extension'] else 'missing: ' + str(info['extension_error'])}",
-          file=sys.stderr)
+    shapes = _harness.pick_shapes(args, device, QUICK_SHAPES, GPU_SHAPES, CPU_SHAPES)
+    providers = _harness.usable_providers(args.providers, device)
+    _harness.print_versions()
     if args.gpu_suite and not args.shapes:  # fp32 headline shapes + bf16 at the first one
         cases = build_cases(GPU_SHAPES, [torch.float32], device, providers,
                             args.modes.split(","))

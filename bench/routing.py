@@ -9,7 +9,6 @@ or eager) and appends rows to bench/results/routing.csv.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -18,7 +17,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import _harness  # noqa: E402
-import seqrec_fast  # noqa: E402
 from seqrec_fast import backend as B  # noqa: E402
 from seqrec_fast.ops import capsule_routing  # noqa: E402
 from seqrec_fast.reference import routing_ref  # noqa: E402
@@ -76,34 +74,18 @@ def build_cases(shapes, variants, dtype, device, providers, modes):
 
 def main(argv=None):
     _harness.stable_malloc()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = _harness.base_parser(__doc__, "eager,compile,triton,cuda,cpp", "fwd,fwd+bwd")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--shapes", nargs="*", help="B,L,K,d ...")
     ap.add_argument("--variants", default="mind,dr")
-    ap.add_argument("--providers", default="eager,compile,triton,cuda,cpp")
-    ap.add_argument("--modes", default="fwd,fwd+bwd")
-    ap.add_argument("--quick", action="store_true", help="one small shape, few repetitions")
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
     bad = [v for v in args.variants.split(",") if v not in VARIANTS]
     if bad:
         ap.error(f"--variants: unknown {bad}; choose from {sorted(VARIANTS)}")
     device = torch.device(args.device)
-    if args.shapes:
-        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
-    elif args.quick:
-        shapes = QUICK_SHAPES
-    else:
-        shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
-    providers = args.providers.split(",")
-    if device.type == "cpu" and "triton" in providers and not B.triton_interpreting():
-        providers.remove("triton")  # Triton needs a GPU (the interpreter is for tests, not speed)
-    info = seqrec_fast.info()
-    print(f"seqrec_fast {info['seqrec_fast']}, torch {info['torch']}, triton {info['triton']}, "
-          f"extension {'built' if info['extension'] else 'missing: ' + str(info['extension_error'])}",
-          file=sys.stderr)
+    shapes = _harness.pick_shapes(args, device, QUICK_SHAPES, GPU_SHAPES, CPU_SHAPES)
+    providers = _harness.usable_providers(args.providers, device)
+    _harness.print_versions()
     cases = build_cases(shapes, args.variants.split(","), DTYPES[args.dtype], device, providers,
                         args.modes.split(","))
     _harness.run_cases("routing", cases, device, csv_path=args.csv,

@@ -12,7 +12,6 @@ peak MiB above the inputs. Rows go to bench/results/softmax.csv.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -21,7 +20,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import _harness  # noqa: E402
-import seqrec_fast  # noqa: E402
 from seqrec_fast import backend as B  # noqa: E402
 from seqrec_fast.ops.softmax import linear_cross_entropy, sampled_softmax_loss  # noqa: E402
 from seqrec_fast.reference.softmax import (linear_cross_entropy_ref,  # noqa: E402
@@ -131,19 +129,13 @@ def _parse(specs, n):
 
 def main(argv=None):
     _harness.stable_malloc()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = _harness.base_parser(__doc__, "eager,compile,ours,cce,liger", "fwd+bwd")
     ap.add_argument("--dtype", default=None, help="comma list of " + ",".join(sorted(DTYPES))
                     + " (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--full", nargs="*", help="B,N,d ... full-catalog shapes")
     ap.add_argument("--sampled", nargs="*", help="B,N,S,d ... sampled-softmax shapes")
-    ap.add_argument("--providers", default="eager,compile,ours,cce,liger")
-    ap.add_argument("--modes", default="fwd+bwd", help="comma list of fwd, fwd+bwd")
-    ap.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
     ap.add_argument("--gpu-suite", action="store_true",
                     help="headline GPU shapes, bf16 and fp32 (bench/gpu_suite.sh)")
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     providers = args.providers.split(",")
@@ -160,10 +152,7 @@ def main(argv=None):
     if args.gpu_suite:  # the issue's headline shapes only (the suite has a 5-minute budget)
         dtypes = "bf16,fp32"
         full = [s for s in full if s[1] >= 1_000_000]
-    info = seqrec_fast.info()
-    print(f"seqrec_fast {info['seqrec_fast']}, torch {info['torch']}, triton {info['triton']}, "
-          f"extension {'built' if info['extension'] else 'missing: ' + str(info['extension_error'])}",
-          file=sys.stderr)
+    _harness.print_versions()
     cases = []
     for name in dtypes.split(","):
         dtype = DTYPES[name]

@@ -46,7 +46,6 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import _harness  # noqa: E402
-import seqrec_fast  # noqa: E402
 from seqrec_fast.models import ComiRecDR, ComiRecSA  # noqa: E402
 from seqrec_fast.ops.samplers import LogUniformSampler  # noqa: E402
 from seqrec_fast.optim import build_optimizers, dense_adam  # noqa: E402
@@ -243,10 +242,7 @@ def main(argv=None):
     variants = args.variants.split(",")
     if set(variants) - {"dr", "sa"}:
         ap.error("--variants takes dr and/or sa")
-    info = seqrec_fast.info()
-    print(f"seqrec_fast {info['seqrec_fast']}, torch {info['torch']}, triton {info['triton']}, "
-          f"extension {'built' if info['extension'] else 'missing: ' + str(info['extension_error'])}",
-          file=sys.stderr)
+    _harness.print_versions()
     plan = [(variant, p, shape) for shape in shapes for variant in variants for p in providers]
     if args.gpu_suite:
         plan += SCALE_CASES
