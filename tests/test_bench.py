@@ -1,0 +1,44 @@
+"""The benchmark scripts run end to end at their quick shapes (eager and C++ providers): the
+table, the CSV rows and the speed-up column come out, and bad options are usage errors."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+from _util import fused_backends
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *args, tmp_path):
+    out = tmp_path / f"{script}.csv"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", f"{script}.py"), *args,
+                        "--csv", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    return r, out
+
+
+@pytest.mark.parametrize("script, providers, ours", [("routing", "eager,cpp", "cpp"),
+                                                     ("attention", "eager,cpp", "cpp"),
+                                                     ("softmax", "eager,ours", "cpp")])
+def test_bench_quick_runs(tmp_path, script, providers, ours):
+    op = {"routing": "routing", "attention": "attention", "softmax": "linear_cross_entropy"}
+    if "cpp" not in fused_backends(op[script]):
+        pytest.skip("the C++ extension is not built")
+    r, out = _run(script, "--quick", "--providers", providers, "--reps", "1",
+                  tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| provider |" in r.stdout and "x |" in r.stdout        # table with ratios
+    rows = list(csv.DictReader(open(out)))
+    assert rows and {row["provider"] for row in rows} == {"eager", ours}
+    assert all(float(row["ms"]) > 0 for row in rows)
+
+
+def test_bench_bad_options_are_usage_errors(tmp_path):
+    r, _ = _run("routing", "--variants", "comirec-dr", tmp_path=tmp_path)
+    assert r.returncode == 2 and "--variants: unknown" in r.stderr
+    r, _ = _run("attention", "--dtype", "fp99", tmp_path=tmp_path)
+    assert r.returncode == 2 and "--dtype: unknown" in r.stderr
