@@ -1,6 +1,6 @@
 """Command line: ``seqrec-fast train|evaluate|plot|sampler-bench`` (also ``python -m seqrec_fast``).
 
-  seqrec-fast train --model comirec-dr --data synthetic          # the CPU demo (~1 minute)
+  seqrec-fast train --model comirec-dr --data synthetic          # the CPU demo (~15 s on 2 cores)
   seqrec-fast train --model mind --data log.csv --loss full --steps 20000 --device cuda --bf16
   seqrec-fast train --out-dir runs/dr --resume                   # continue from runs/dr/last.pt
   seqrec-fast evaluate runs/dr/best.pt --split test --faiss-index ivf
