@@ -75,7 +75,8 @@ def setup(device: str = "auto", timeout_s: float = 600.0):
 
     Joins the default process group when it is already initialized; else initializes one from
     torchrun's environment (``WORLD_SIZE`` > 1, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``,
-    ``MASTER_PORT``) with nccl for CUDA and gloo for CPU; else single process. ``device``:
+    ``MASTER_PORT``) with nccl for CUDA and gloo for CPU (``SEQREC_FAST_DIST_BACKEND=gloo``
+    forces gloo, e.g. to run two ranks on one GPU); else single process. ``device``:
     "auto" | "cpu" | "cuda" | "cuda:i"; in a distributed CUDA run each rank takes
     ``cuda:<local_rank>``. ``timeout_s`` bounds how long a collective waits for a rank that has
     stopped answering.
@@ -97,10 +98,13 @@ def setup(device: str = "auto", timeout_s: float = 600.0):
         if not available:
             raise RuntimeError(f"WORLD_SIZE={world} but this torch build has no "
                                "torch.distributed")
-        backend = "nccl" if dev.type == "cuda" else "gloo"
+        backend = os.environ.get("SEQREC_FAST_DIST_BACKEND") or (
+            "nccl" if dev.type == "cuda" else "gloo")
+        if backend not in ("nccl", "gloo"):
+            raise ValueError(f"SEQREC_FAST_DIST_BACKEND must be 'nccl' or 'gloo', got {backend!r}")
         local = _env_int("LOCAL_RANK", 0)
         if dev.type == "cuda":
-            torch.cuda.set_device(local)
+            torch.cuda.set_device(_gpu_of(local))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(timeout_s)))
         ctx = DistContext(dist.get_rank(), dist.get_world_size(), local, owns_group=True)
         log.info("rank %d/%d: process group initialized (%s)", ctx.rank, ctx.world_size,
@@ -108,9 +112,16 @@ def setup(device: str = "auto", timeout_s: float = 600.0):
     else:
         return DistContext(), dev
     if dev.type == "cuda" and ctx.enabled:
-        dev = torch.device("cuda", ctx.local_rank)
+        dev = torch.device("cuda", _gpu_of(ctx.local_rank))
         torch.cuda.set_device(dev)
     return ctx, dev
+
+
+def _gpu_of(local_rank: int) -> int:
+    """The GPU of a local rank: its own index; with fewer GPUs than ranks they share round-robin
+    (only gloo can run that; nccl refuses two ranks on one GPU with its own error)."""
+    n = torch.cuda.device_count()
+    return local_rank % n if n else local_rank
 
 
 def teardown(ctx: DistContext) -> None:
