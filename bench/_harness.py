@@ -34,6 +34,9 @@ class Case:
     variant: str = ""
     dtype: str = "float32"
     result: dict = field(default_factory=dict)
+    # memory the provider keeps between calls (a reused workspace): added to the measured peak,
+    # which only sees what a call allocates on top of what already exists
+    retained_mib: Optional[Callable[[], float]] = None
 
 
 def device_name(device: torch.device) -> str:
@@ -191,6 +194,8 @@ def run_cases(op: str, cases: List[Case], device: torch.device, *, baseline=("co
     for case in cases:
         try:
             ms, p20, p80, mib = measure(case.fn, device, reps=reps)
+            if case.retained_mib is not None:
+                mib += case.retained_mib()
             case.result = {"ms": ms, "p20": p20, "p80": p80, "mib": mib}
         except Exception as exc:  # noqa: BLE001 - a provider that fails is reported, not fatal
             msg = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""

@@ -45,6 +45,15 @@ def make_inputs(shape, variant, dtype, device, seed=0):
     return seq, mask, w, init
 
 
+def _workspace_mib(provider, device):
+    """The C++ backward keeps its last large grad_u buffer for the next call: count it."""
+    if provider != "cpp" or device.type != "cpu":
+        return None
+    from seqrec_fast import _ext
+
+    return lambda: _ext._C.routing_workspace_cpu() / 2**20
+
+
 def build_cases(shapes, variants, dtype, device, providers, modes):
     cases = []
     compiled = torch.compile(routing_ref, dynamic=False)
@@ -68,7 +77,8 @@ def build_cases(shapes, variants, dtype, device, providers, modes):
                     run = (_harness.no_grad(fn) if mode == "fwd"
                            else _harness.fwd_bwd(fn, [args[0], args[2]]))
                     cases.append(_harness.Case(p, mode, tag, run, variant=variant,
-                                               dtype=str(dtype).replace("torch.", "")))
+                                               dtype=str(dtype).replace("torch.", ""),
+                                               retained_mib=_workspace_mib(p, device)))
     return cases
 
 

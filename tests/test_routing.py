@@ -375,3 +375,46 @@ def test_cuda_large(backend, bilinear, dtype):
         same = run(lambda s, ww: routing_ref(s, mask, ww, **kw), seq, w, gout)
         for name, a, e, t in zip(("v", "gs", "gw"), got, same, truth):
             assert_within_2x_eager(a, e, t, name=f"{backend} {name}")
+
+
+@pytest.mark.parametrize("per_position", [True, False])
+def test_cpp_backward_reuses_its_grad_u_buffer_only_when_free(per_position):
+    """The C++ backward hands a large grad_u buffer (>= 4 MiB) out again once the previous
+    gradient is gone: a gradient still held is never overwritten, and a reused (dirty) buffer
+    gives the same values as a fresh one, padded positions included."""
+    if "cpp" not in fused_backends("routing"):
+        pytest.skip("C++ extension not built")
+    if os.environ.get("SEQREC_FAST_REUSE_WORKSPACE") == "0":
+        pytest.skip("the reusable workspace is turned off (SEQREC_FAST_REUSE_WORKSPACE=0)")
+    from seqrec_fast import _ext
+
+    g = torch.Generator().manual_seed(0)
+    K, d = 4, 64
+    B, L = (256, 16) if per_position else (1024, 16)          # grad_u of 4 MiB either way
+    u = torch.randn(*((L, B, K, d) if per_position else (B, L, d)), generator=g)
+    mask = torch.arange(L)[None, :] < torch.randint(1, L + 1, (B,), generator=g)[:, None]
+    bwd = torch.ops.seqrec_fast.routing_bwd
+    _, c, s = torch.ops.seqrec_fast.routing_fwd(u, mask, None, K, 3, False, True, "cpp")
+    gvs = [torch.randn(B, K, d, generator=g) for _ in range(3)]
+
+    def run(gv):
+        return bwd(gv, None, mask, None, c, s, K, 3, False, True, per_position, "cpp")
+
+    g1 = run(gvs[0])
+    kept = g1.clone()
+    g2 = run(gvs[1])                           # g1 still held: a new buffer
+    assert g2.data_ptr() != g1.data_ptr()
+    assert torch.equal(g1, kept)
+    p2 = g2.data_ptr()
+    del g2
+    g3 = run(gvs[2])                           # g2 gone: its buffer again, still dirty
+    assert g3.data_ptr() == p2 and g3._base is None
+    fresh = run(gvs[2])                        # g3 held: a new buffer
+    assert fresh.data_ptr() != g3.data_ptr()
+    assert torch.equal(g3, fresh)
+    assert torch.equal(g1, kept)
+    # the buffer kept is the last one handed out; it can be released
+    assert _ext._C.routing_workspace_cpu() == fresh.numel() * 4
+    assert _ext._C.routing_workspace_cpu(release=True) == fresh.numel() * 4
+    assert _ext._C.routing_workspace_cpu() == 0
+    assert torch.equal(fresh, g3)                 # released by the cache, still ours

@@ -5,7 +5,10 @@
 // u layouts (detected from u.dim()):
 //   shared (MIND):          u (B, L, d), the same u_hat for every interest;
 //   per_position (ComiRec): u (L, B, K, d), u_hat[b, k, l] = u[l, b, k].
+#include <cstdlib>
+#include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -26,6 +29,44 @@ using routing_binding::Layout;
 using routing_binding::u_layout;
 
 namespace rc = routing;
+
+// grad_u of ComiRec-DR is a (L, B, K, d) tensor of tens of MB per step; a fresh one costs as much
+// in first-touch page faults (about 10 ms for 52 MB here) as the routing backward itself. The
+// last large grad_u buffer (>= 4 MiB) is therefore kept and its storage handed out again, in a
+// new tensor (not a view), once nothing but this cache refers to it (the previous step's
+// gradient is gone); otherwise a new buffer is allocated and cached instead. The kernels write
+// every element of grad_u, so a reused buffer's old contents never show. The price is that one
+// grad_u stays allocated between steps; SEQREC_FAST_REUSE_WORKSPACE=0 (read once) turns it off.
+std::mutex workspace_mu;
+at::Tensor workspace;  // the cache's own handle: never returned
+
+at::Tensor reusable_empty(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  constexpr int64_t kMinBytes = int64_t(1) << 22;
+  static const bool enabled = [] {
+    const char* v = std::getenv("SEQREC_FAST_REUSE_WORKSPACE");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  const int64_t numel = c10::multiply_integers(shape);
+  if (!enabled ||
+      numel * static_cast<int64_t>(c10::elementSize(opts.dtype().toScalarType())) < kMinBytes)
+    return at::empty(shape, opts);
+  at::Tensor& cached = workspace;
+  std::lock_guard<std::mutex> lock(workspace_mu);
+  if (!(cached.defined() && cached.use_count() == 1 && cached.storage().use_count() == 1 &&
+        cached.scalar_type() == opts.dtype().toScalarType() && cached.numel() == numel &&
+        cached.device() == opts.device())) {
+    cached = at::empty({numel}, opts);
+  }
+  std::vector<int64_t> strides(shape.size());
+  int64_t st = 1;
+  for (int64_t i = static_cast<int64_t>(shape.size()) - 1; i >= 0; --i) {
+    strides[i] = st;
+    st *= shape[i];
+  }
+  at::Tensor out = at::empty({0}, opts);
+  out.set_(cached.storage(), 0, shape, strides);
+  return out;
+}
 
 // Rows per parallel chunk: at least enough work to be worth a thread.
 int64_t grain_size(int64_t K, int64_t L, int64_t d) {
@@ -184,8 +225,8 @@ at::Tensor routing_bwd_cpu(const at::Tensor& grad_v_in, const std::optional<at::
   const std::optional<at::Tensor> init =
       detach ? std::nullopt : prepare_init(init_logits, B, K, L, acc);
 
-  at::Tensor grad_u = per_position ? at::empty({L, B, K, d}, grad_v.options())
-                                   : at::empty({B, L, d}, grad_v.options());
+  at::Tensor grad_u = per_position ? reusable_empty({L, B, K, d}, grad_v.options())
+                                   : reusable_empty({B, L, d}, grad_v.options());
   if (B == 0 || grad_u.numel() == 0) return grad_u;
   // grad_u row b: per_position out(k, l) = base + b*K*d + k*d + l*B*K*d; shared l*d.
   const int64_t o_sb = per_position ? K * d : L * d;
@@ -236,12 +277,23 @@ at::Tensor routing_bwd_cpu(const at::Tensor& grad_v_in, const std::optional<at::
   return grad_u;
 }
 
+// Bytes held by the reusable grad_u buffer (0 when none); release=true drops it.
+int64_t routing_workspace_cpu(bool release) {
+  std::lock_guard<std::mutex> lock(workspace_mu);
+  const int64_t n = workspace.defined() ? workspace.nbytes() : 0;
+  if (release) workspace = at::Tensor();
+  return n;
+}
+
 }  // namespace
 }  // namespace seqrec_fast
 
 static seqrec_fast::RegisterBindings reg([](pybind11::module_& m) {
   using seqrec_fast::routing_bwd_cpu;
   using seqrec_fast::routing_fwd_cpu;
+  m.def("routing_workspace_cpu", &seqrec_fast::routing_workspace_cpu,
+        "Bytes held by the C++ routing backward's reusable grad_u buffer; release=True frees it.",
+        pybind11::arg("release") = false);
   m.def("routing_fwd_cpu", &routing_fwd_cpu,
         "Capsule routing forward on CPU -> (v, c_last, s_last). u: (B, L, d) shared or "
         "(L, B, K, d) per_position; mask (B, L) bool; init_logits (B, K, L) or None.",
