@@ -51,6 +51,8 @@ def _workspace_mib(provider, device):
         return None
     from seqrec_fast import _ext
 
+    if _ext._C is None:
+        return None
     return lambda: _ext._C.routing_workspace_cpu() / 2**20
 
 
