@@ -32,7 +32,26 @@ def _rows_and_values(p: torch.Tensor):
     return None, g
 
 
-class RowWiseAdagrad(Optimizer):
+class _RowWise(Optimizer):
+    """Shared part of the row-wise optimizers: 2-D tables only, and the (group, param, touched
+    rows, gradient rows) of every parameter that has a gradient."""
+
+    def __init__(self, params, defaults):
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise ValueError(f"params must be 2-D (n_rows, d) tables, got shape {tuple(p.shape)}")
+
+    def _tables(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    rows, g = _rows_and_values(p)
+                    yield group, p, rows, g.float()
+
+
+class RowWiseAdagrad(_RowWise):
     """params: 2-D tensors (n_rows, d). lr > 0, eps > 0, weight_decay >= 0 (applied to touched
     rows only). State: ``sum`` (n_rows,) fp32."""
 
@@ -44,39 +63,30 @@ class RowWiseAdagrad(Optimizer):
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.dim() != 2:
-                    raise ValueError(f"params must be 2-D (n_rows, d) tables, got shape {tuple(p.shape)}")
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if "sum" not in st:
-                    st["sum"] = torch.zeros(p.shape[0], device=p.device, dtype=torch.float32)
-                rows, g = _rows_and_values(p)
-                w = p.data if rows is None else p.data[rows]
-                g = g.float()
-                if group["weight_decay"]:
-                    g = g + group["weight_decay"] * w.float()
-                acc = st["sum"] if rows is None else st["sum"][rows]
-                acc = acc + g.pow(2).mean(1)
-                upd = (w.float() - group["lr"] * g / (acc.sqrt() + group["eps"])[:, None]).to(p.dtype)
-                if rows is None:
-                    st["sum"].copy_(acc)
-                    p.data.copy_(upd)
-                else:
-                    st["sum"][rows] = acc
-                    p.data[rows] = upd
+        for group, p, rows, g in self._tables():
+            st = self.state[p]
+            if "sum" not in st:
+                st["sum"] = torch.zeros(p.shape[0], device=p.device, dtype=torch.float32)
+            w = p.data if rows is None else p.data[rows]
+            if group["weight_decay"]:
+                g = g + group["weight_decay"] * w.float()
+            acc = st["sum"] if rows is None else st["sum"][rows]
+            acc = acc + g.pow(2).mean(1)
+            upd = (w.float() - group["lr"] * g / (acc.sqrt() + group["eps"])[:, None]).to(p.dtype)
+            if rows is None:
+                st["sum"].copy_(acc)
+                p.data.copy_(upd)
+            else:
+                st["sum"][rows] = acc
+                p.data[rows] = upd
         return loss
 
 
-class RowWiseAdam(Optimizer):
+class RowWiseAdam(_RowWise):
     """Lazy Adam on touched rows. params: 2-D tensors (n_rows, d). State: ``exp_avg``,
     ``exp_avg_sq`` (n_rows, d) fp32 and ``step`` (n_rows,) int64 per-row counts."""
 
@@ -88,41 +98,32 @@ class RowWiseAdam(Optimizer):
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.dim() != 2:
-                    raise ValueError(f"params must be 2-D (n_rows, d) tables, got shape {tuple(p.shape)}")
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        for group in self.param_groups:
+        for group, p, rows, g in self._tables():
             b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if "exp_avg" not in st:
-                    st["exp_avg"] = torch.zeros(p.shape, device=p.device, dtype=torch.float32)
-                    st["exp_avg_sq"] = torch.zeros(p.shape, device=p.device, dtype=torch.float32)
-                    st["step"] = torch.zeros(p.shape[0], device=p.device, dtype=torch.int64)
-                rows, g = _rows_and_values(p)
-                sel = slice(None) if rows is None else rows
-                g = g.float()
-                m = st["exp_avg"][sel].mul_(b1).add_(g, alpha=1 - b1) if rows is None else \
-                    st["exp_avg"][sel] * b1 + g * (1 - b1)
-                v = st["exp_avg_sq"][sel].mul_(b2).addcmul_(g, g, value=1 - b2) if rows is None else \
-                    st["exp_avg_sq"][sel] * b2 + g * g * (1 - b2)
-                t = st["step"][sel] + 1
-                c1 = 1 - b1 ** t.double()
-                c2 = 1 - b2 ** t.double()
-                denom = (v / c2.float()[:, None]).sqrt_().add_(group["eps"])
-                upd = (p.data[sel].float() - group["lr"] * (m / c1.float()[:, None]) / denom)
-                st["step"][sel] = t
-                if rows is not None:
-                    st["exp_avg"][rows] = m
-                    st["exp_avg_sq"][rows] = v
-                p.data[sel] = upd.to(p.dtype)
+            st = self.state[p]
+            if "exp_avg" not in st:
+                st["exp_avg"] = torch.zeros(p.shape, device=p.device, dtype=torch.float32)
+                st["exp_avg_sq"] = torch.zeros(p.shape, device=p.device, dtype=torch.float32)
+                st["step"] = torch.zeros(p.shape[0], device=p.device, dtype=torch.int64)
+            sel = slice(None) if rows is None else rows
+            m = st["exp_avg"][sel].mul_(b1).add_(g, alpha=1 - b1) if rows is None else \
+                st["exp_avg"][sel] * b1 + g * (1 - b1)
+            v = st["exp_avg_sq"][sel].mul_(b2).addcmul_(g, g, value=1 - b2) if rows is None else \
+                st["exp_avg_sq"][sel] * b2 + g * g * (1 - b2)
+            t = st["step"][sel] + 1
+            c1 = 1 - b1 ** t.double()
+            c2 = 1 - b2 ** t.double()
+            denom = (v / c2.float()[:, None]).sqrt_().add_(group["eps"])
+            upd = (p.data[sel].float() - group["lr"] * (m / c1.float()[:, None]) / denom)
+            st["step"][sel] = t
+            if rows is not None:
+                st["exp_avg"][rows] = m
+                st["exp_avg_sq"][rows] = v
+            p.data[sel] = upd.to(p.dtype)
         return loss
 
 
