@@ -68,6 +68,17 @@ at::Tensor reusable_empty(at::IntArrayRef shape, const at::TensorOptions& opts) 
   return out;
 }
 
+rc::Dims dims(int64_t K, int64_t L, int64_t d, int64_t iters, bool seq_axis, bool shared) {
+  rc::Dims D;
+  D.K = K;
+  D.L = L;
+  D.d = d;
+  D.iters = iters;
+  D.seq_axis = seq_axis;
+  D.shared = shared;
+  return D;
+}
+
 // Rows per parallel chunk: at least enough work to be worth a thread.
 int64_t grain_size(int64_t K, int64_t L, int64_t d) {
   const int64_t work = std::max<int64_t>(1, K * L * d);
@@ -132,13 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_fwd_cpu(
   at::Tensor s_last = at::empty({B, K, d}, u.options().dtype(acc));
   if (B == 0) return {v, c_last, s_last};
 
-  rc::Dims D;
-  D.K = K;
-  D.L = L;
-  D.d = d;
-  D.iters = iters;
-  D.seq_axis = seq_axis;
-  D.shared = lo.shared;
+  const rc::Dims D = dims(K, L, d, iters, seq_axis, lo.shared);
   const int64_t mask_sb = mask.stride(0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "routing_fwd_cpu",
@@ -233,13 +238,7 @@ at::Tensor routing_bwd_cpu(const at::Tensor& grad_v_in, const std::optional<at::
   const int64_t o_sk = per_position ? d : 0;
   const int64_t o_sl = per_position ? B * K * d : d;
 
-  rc::Dims D;
-  D.K = K;
-  D.L = L;
-  D.d = d;
-  D.iters = iters;
-  D.seq_axis = seq_axis;
-  D.shared = !per_position;
+  const rc::Dims D = dims(K, L, d, iters, seq_axis, !per_position);
   const int64_t mask_sb = mask.stride(0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "routing_bwd_cpu", [&] {

@@ -91,6 +91,22 @@ int threads_from_env() {
   return t;
 }
 
+// The sizes, options and mask shared by the forward and backward launches.
+rk::RoutingParams base_params(int64_t B, int64_t K, int64_t L, int64_t d, int64_t iters,
+                              bool seq_axis, bool shared, const at::Tensor& mask) {
+  rk::RoutingParams p;
+  p.B = B;
+  p.K = K;
+  p.L = L;
+  p.d = d;
+  p.iters = iters;
+  p.seq_axis = seq_axis;
+  p.shared = shared;
+  p.mask = mask.data_ptr<bool>();
+  p.mask_sb = mask.stride(0);
+  return p;
+}
+
 // Plans, allocates the workspace if needed, and launches on the current stream.
 void run(rk::Pass pass, rk::DType dt, rk::RoutingParams& p, const at::Device& dev,
          const char* what) {
@@ -134,20 +150,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_fwd_cuda(
   TORCH_CHECK(L >= 1 && d >= 1,
               "routing_fwd_cuda: u must have seq_len >= 1 and dim >= 1, got shape ", u.sizes());
 
-  rk::RoutingParams p;
-  p.B = B;
-  p.K = K;
-  p.L = L;
-  p.d = d;
-  p.iters = iters;
-  p.seq_axis = seq_axis;
-  p.shared = lo.shared;
+  rk::RoutingParams p = base_params(B, K, L, d, iters, seq_axis, lo.shared, mask);
   p.u = u.data_ptr();
   p.u_sb = lo.sb;
   p.u_sk = lo.sk;
   p.u_sl = lo.sl;
-  p.mask = mask.data_ptr<bool>();
-  p.mask_sb = mask.stride(0);
   if (init) {
     p.init = init->data_ptr<float>();
     p.init_sb = init->stride(0);
@@ -222,16 +229,7 @@ at::Tensor routing_bwd_cuda(const at::Tensor& grad_v_in, const std::optional<at:
                                    : at::empty({B, L, d}, grad_v.options());
   if (B == 0 || grad_u.numel() == 0) return grad_u;
 
-  rk::RoutingParams p;
-  p.B = B;
-  p.K = K;
-  p.L = L;
-  p.d = d;
-  p.iters = iters;
-  p.seq_axis = seq_axis;
-  p.shared = !per_position;
-  p.mask = mask.data_ptr<bool>();
-  p.mask_sb = mask.stride(0);
+  rk::RoutingParams p = base_params(B, K, L, d, iters, seq_axis, !per_position, mask);
   p.grad_v = grad_v.data_ptr();
   // grad_u row b: per_position out(k, l) = base + b*K*d + k*d + l*B*K*d; shared b*L*d + l*d.
   p.grad_u = grad_u.data_ptr();
