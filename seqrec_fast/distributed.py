@@ -70,6 +70,13 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={v!r} is not an integer") from None
 
 
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; any other name as torch.device takes it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def setup(device: str = "auto", timeout_s: float = 600.0):
     """-> (DistContext, torch.device).
 
@@ -83,10 +90,7 @@ def setup(device: str = "auto", timeout_s: float = 600.0):
     """
     if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or timeout_s <= 0:
         raise ValueError(f"timeout_s must be a positive number, got {timeout_s!r}")
-    if device == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        dev = torch.device(device)
+    dev = resolve_device(device)
     import torch.distributed as dist
 
     available = dist.is_available()

@@ -115,10 +115,7 @@ class TrainConfig:
         self.topk = tuple(self.topk)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+_device = _dist.resolve_device
 
 
 def model_kwargs(cfg: TrainConfig) -> dict:
