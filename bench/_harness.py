@@ -92,6 +92,16 @@ def usable_providers(providers: str, device: torch.device) -> list:
     return out
 
 
+def routing_workspace_mib(device: torch.device):
+    """A Case.retained_mib for providers that run the C++ routing backward on CPU: the grad_u
+    buffer it keeps between calls (None elsewhere)."""
+    from seqrec_fast import _ext
+
+    if device.type != "cpu" or _ext._C is None:
+        return None
+    return lambda: _ext._C.routing_workspace_cpu() / 2**20
+
+
 def print_versions() -> None:
     """One line on stderr: package, torch and triton versions, extension status."""
     import seqrec_fast

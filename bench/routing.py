@@ -45,17 +45,6 @@ def make_inputs(shape, variant, dtype, device, seed=0):
     return seq, mask, w, init
 
 
-def _workspace_mib(provider, device):
-    """The C++ backward keeps its last large grad_u buffer for the next call: count it."""
-    if provider != "cpp" or device.type != "cpu":
-        return None
-    from seqrec_fast import _ext
-
-    if _ext._C is None:
-        return None
-    return lambda: _ext._C.routing_workspace_cpu() / 2**20
-
-
 def build_cases(shapes, variants, dtype, device, providers, modes):
     cases = []
     compiled = torch.compile(routing_ref, dynamic=False)
@@ -80,7 +69,8 @@ def build_cases(shapes, variants, dtype, device, providers, modes):
                            else _harness.fwd_bwd(fn, [args[0], args[2]]))
                     cases.append(_harness.Case(p, mode, tag, run, variant=variant,
                                                dtype=str(dtype).replace("torch.", ""),
-                                               retained_mib=_workspace_mib(p, device)))
+                                               retained_mib=_harness.routing_workspace_mib(
+                                                   device) if p == "cpp" else None))
     return cases
 
 

@@ -257,22 +257,12 @@ def main(argv=None):
             h["run"]()
         cases.append(_harness.Case(p, "train-step", shape_tag(shape), _Releasing(fn, holder),
                                    variant=f"comirec-{variant}",
-                                   retained_mib=_workspace_mib(p, device)))
+                                   retained_mib=_harness.routing_workspace_mib(device)
+                                   if p.startswith("ours") else None))
     _harness.run_cases("train", cases, device, baseline=("eager",), csv_path=args.csv,
                        reps=3 if args.quick else args.reps)
     summary(cases)
     return 0
-
-
-def _workspace_mib(provider, device):
-    """Our C++ routing backward keeps its last large grad_u buffer between steps: count it."""
-    if not provider.startswith("ours") or device.type != "cpu":
-        return None
-    from seqrec_fast import _ext
-
-    if _ext._C is None:
-        return None
-    return lambda: _ext._C.routing_workspace_cpu() / 2**20
 
 
 class _Releasing:
