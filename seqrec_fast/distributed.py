@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .ops._catalog_parallel import (check_group, gather_batch, shard_rows,  # noqa: F401
+from .ops.catalog_parallel import (check_group, gather_batch, shard_rows,  # noqa: F401
                                     sharded_embedding)
 
 log = logging.getLogger("seqrec_fast.distributed")

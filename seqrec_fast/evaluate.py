@@ -361,7 +361,7 @@ def _evaluate_sharded(model, split, max_len, padding, ks, batch_size, device, lo
     rows, and the per-shard top-N lists are all-gathered and merged for the rank's own users."""
     import torch.distributed as dist
 
-    from .ops._catalog_parallel import all_gather_list
+    from .ops.catalog_parallel import all_gather_list
 
     topn = max(ks)
     on = device if dist.get_backend(group) == "nccl" else torch.device("cpu")

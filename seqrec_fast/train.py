@@ -167,7 +167,7 @@ def _gather_rows(t: torch.Tensor, model) -> torch.Tensor:
     CPU (collective over the model's catalog group)."""
     import torch.distributed as tdist
 
-    from .ops._catalog_parallel import all_gather_list, shard_rows
+    from .ops.catalog_parallel import all_gather_list, shard_rows
 
     group, rank, world, _, _ = model.catalog_shard
     spans = [shard_rows(model.n_items, r, world) for r in range(world)]

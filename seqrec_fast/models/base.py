@@ -100,7 +100,7 @@ class SeqRecModel(nn.Module):
         full softmax runs catalog-parallel on the gathered batch, ``item_embeddings()`` is
         refused, and the table's gradient is scaled as DistributedDataParallel scales the
         replicated parameters' (mean over ranks). Returns self."""
-        from ..ops._catalog_parallel import check_group, shard_rows
+        from ..ops.catalog_parallel import check_group, shard_rows
 
         if self.catalog_shard is not None:
             raise RuntimeError("the item table is already sharded")
@@ -119,7 +119,7 @@ class SeqRecModel(nn.Module):
     def embed(self, ids: Tensor) -> Tensor:
         """ids (...) int64 -> (..., d), sparse gradients when ``sparse``."""
         if self.catalog_shard is not None:
-            from ..ops._catalog_parallel import sharded_embedding
+            from ..ops.catalog_parallel import sharded_embedding
 
             group, _, world, lo, _ = self.catalog_shard
             return sharded_embedding(ids, self.item_emb.weight, group, offset=lo,
@@ -251,7 +251,7 @@ class SeqRecModel(nn.Module):
         the mean over the global batch, the same on every rank) and the catalog-parallel
         ``linear_cross_entropy`` runs on them; the rows' gradients are scaled by W so that
         DistributedDataParallel's averaging gives the global batch's gradient."""
-        from ..ops._catalog_parallel import gather_batch
+        from ..ops.catalog_parallel import gather_batch
         from ..ops.softmax import linear_cross_entropy
 
         group, _, world, _, _ = self.catalog_shard

@@ -340,7 +340,7 @@ def linear_cross_entropy(user: Tensor, items: Tensor, target: Tensor, *,
         rank's contiguous shard (rank order, see ``seqrec_fast.distributed.shard_rows``),
         ``target`` holds global ids, and ``user``/``target`` must be identical on every rank.
         The loss is the single-process loss over the whole catalog, on every rank; ``user``
-        gets its full gradient, the shard its own rows' (seqrec_fast/ops/_catalog_parallel.py).
+        gets its full gradient, the shard its own rows' (seqrec_fast/ops/catalog_parallel.py).
 
     Returns: loss in user's dtype (scalar, or (batch,) for "none"); (loss, lse) with
     ``return_lse``. Raises TypeError / ValueError naming the bad argument.
@@ -359,7 +359,7 @@ def linear_cross_entropy(user: Tensor, items: Tensor, target: Tensor, *,
     _checks.choice("reduction", reduction, _REDUCTIONS)
     _check_bool("return_lse", return_lse)
     if process_group is not None:
-        from ._catalog_parallel import linear_cross_entropy_sharded
+        from .catalog_parallel import linear_cross_entropy_sharded
 
         return linear_cross_entropy_sharded(user, items, target, bias, temperature, ignore_index,
                                             reduction, label_smoothing, return_lse, backend,
@@ -455,7 +455,7 @@ def sampled_softmax_loss(user: Tensor, items: Tensor, target: Tensor, negatives:
                                          temperature, reduction,
                                          check_ids=process_group is None)
     if process_group is not None:
-        from ._catalog_parallel import sampled_softmax_sharded
+        from .catalog_parallel import sampled_softmax_sharded
 
         return sampled_softmax_sharded(user, items, target, negatives, log_q, target_log_q,
                                        in_batch_negatives, remove_accidental_hits, temperature,
