@@ -28,7 +28,8 @@ import torch
 
 from . import distributed as _dist
 from .data import TrainSampler, eval_batches, load_dataset
-from .evaluate import Retriever, evaluate, evaluate_popularity, faiss_available
+from .evaluate import evaluate, evaluate_popularity
+from .retrieval import Retriever, faiss_available
 from .metrics import format_table
 from .models import build_model
 from .optim import build_optimizers
@@ -77,7 +78,7 @@ class TrainConfig:
     seed: int = 0
     backend: str = "auto"
     retriever: str = "auto"
-    faiss_index: str = "flat"             # flat (exact) | ivf | hnsw (see evaluate.Retriever)
+    faiss_index: str = "flat"             # flat (exact) | ivf | hnsw (see retrieval.Retriever)
     faiss_nlist: Optional[int] = None
     faiss_nprobe: Optional[int] = None
     faiss_hnsw_m: int = 32
@@ -525,7 +526,7 @@ def evaluate_checkpoint(path: str, split: str = "test", device="auto", retriever
                         faiss_nprobe: Optional[int] = None, faiss_hnsw_m: int = 32,
                         faiss_ef_search: int = 128) -> dict:
     """Evaluate a checkpoint (written at any world size) on "valid" or "test" -> metrics dict.
-    ``faiss_*``: the retrieval index (see ``evaluate.Retriever``)."""
+    ``faiss_*``: the retrieval index (see ``retrieval.Retriever``)."""
     if split not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
     model, cfg, ds = load_checkpoint(path, device)

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from seqrec_fast.evaluate import Retriever, evaluate_popularity, faiss_available, merge_topn
+from seqrec_fast.evaluate import evaluate_popularity
+from seqrec_fast.retrieval import Retriever, faiss_available, merge_topn
 from seqrec_fast.metrics import aggregate, format_table, per_user_metrics
 
 L2 = lambda i: 1.0 / math.log2(i + 2)  # noqa: E731  discount of 0-based rank i
@@ -89,14 +90,14 @@ def test_faiss_matches_torch(tmp_path):
 def test_faiss_missing_is_said(caplog, monkeypatch):
     import logging
 
-    import seqrec_fast.evaluate as ev
+    import seqrec_fast.retrieval as ev
 
     monkeypatch.setattr(ev, "faiss_available", lambda: False)   # as on a machine without faiss
     with pytest.raises(RuntimeError, match="faiss"):
         ev.Retriever(torch.randn(5, 2), "faiss")
 
     ev._said.clear()
-    with caplog.at_level(logging.INFO, logger="seqrec_fast.evaluate"):
+    with caplog.at_level(logging.INFO, logger="seqrec_fast.retrieval"):
         assert ev.Retriever(torch.randn(5, 2), "auto").method == "torch"
     assert "faiss is not installed" in caplog.text
 

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-import seqrec_fast.evaluate as ev
-from seqrec_fast.evaluate import Retriever, default_nlist, default_nprobe, evaluate
+import seqrec_fast.retrieval as ev
+from seqrec_fast.evaluate import evaluate
+from seqrec_fast.retrieval import Retriever, default_nlist, default_nprobe
 
 faiss = pytest.importorskip("faiss")
 
@@ -144,7 +145,7 @@ def test_small_catalog_single_list():
 
 def test_explicit_small_nlist_warns(caplog):
     items, _ = _clustered(n_items=100, n_clusters=3, n_queries=1)
-    with caplog.at_level(logging.WARNING, logger="seqrec_fast.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="seqrec_fast.retrieval"):
         r = Retriever(items, "faiss", use_gpu=False, index="ivf", nlist=10)
     assert r.nlist == 10 and "fewer than 39 training points" in caplog.text
 
@@ -181,7 +182,7 @@ def test_no_real_items():
 def test_auto_without_faiss_falls_back_to_exact(monkeypatch, caplog):
     monkeypatch.setattr(ev, "faiss_available", lambda: False)
     ev._said.clear()
-    with caplog.at_level(logging.INFO, logger="seqrec_fast.evaluate"):
+    with caplog.at_level(logging.INFO, logger="seqrec_fast.retrieval"):
         r = Retriever(torch.randn(20, 4), "auto", index="ivf")
     assert r.method == "torch" and r.index_type == "flat"
     assert "index='ivf' is ignored" in caplog.text
@@ -220,7 +221,9 @@ def test_evaluate_passes_the_index_through(monkeypatch):
         seen.append(k)
         return real(*a, **k)
 
-    monkeypatch.setattr(ev, "Retriever", spy)
+    import seqrec_fast.evaluate as evaluation
+
+    monkeypatch.setattr(evaluation, "Retriever", spy)
     exact = evaluate(model, split, max_len=2, ks=(20, 50), retriever="torch")
     full = evaluate(model, split, max_len=2, ks=(20, 50), retriever="faiss", index="ivf",
                     nlist=16, nprobe=16)

@@ -37,7 +37,7 @@ def test_cli_train_then_evaluate(tmp_path, capsys):
     assert all(0 <= r["recall@50"] <= 1 for r in recs)
     import numpy as np
 
-    from seqrec_fast.evaluate import faiss_available
+    from seqrec_fast.retrieval import faiss_available
 
     assert (out / "items.faiss").exists() == faiss_available()
     assert np.load(out / "user_emb_test.npy").shape[1:] == (4, 16)
