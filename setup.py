@@ -95,6 +95,5 @@ def _extension_kwargs():
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    entry_points={"console_scripts": ["seqrec-fast=seqrec_fast.cli:main"]},
     **_extension_kwargs(),
 )

@@ -30,7 +30,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _reason_unavailable(op: str, backend: str, device: torch.device) -> str | None:
+def reason_unavailable(op: str, backend: str, device: torch.device) -> str | None:
     """None when ``backend`` can run ``op`` on ``device``, else why not."""
     if backend == "eager":
         return None
@@ -63,7 +63,7 @@ def _reason_unavailable(op: str, backend: str, device: torch.device) -> str | No
 
 
 def available(op: str, backend: str, device: torch.device | str = "cpu") -> bool:
-    return _reason_unavailable(op, backend, torch.device(device)) is None
+    return reason_unavailable(op, backend, torch.device(device)) is None
 
 
 def resolve(op: str, backend: str, device: torch.device) -> str:
@@ -78,14 +78,14 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
             raise ValueError(f"SEQREC_FAST_BACKEND must be one of {BACKENDS}, got {env!r}")
         backend = env
     if backend != "auto":
-        why = _reason_unavailable(op, backend, device)
+        why = reason_unavailable(op, backend, device)
         if why is not None:
             raise RuntimeError(f"{op}: backend {backend!r} is not available: {why}")
         return backend
     order = ("triton", "cuda", "eager") if device.type == "cuda" else ("cpp", "eager")
     skipped = []
     for cand in order:
-        why = _reason_unavailable(op, cand, device)
+        why = reason_unavailable(op, cand, device)
         if why is None:
             if skipped and (op, cand) not in _warned:
                 _warned.add((op, cand))

@@ -53,7 +53,7 @@ def check_backend(backend: str, ops: Sequence[str], model: str) -> None:
     dev = _device_for(be)
     missing = []
     for op in ops:
-        why = _backend._reason_unavailable(op, be, dev)
+        why = _backend.reason_unavailable(op, be, dev)
         if why is None and be == "cuda" and op in (OP_SAMPLED, OP_FULL):
             why = "the softmax losses have no CUDA C++ kernel (their GPU path is 'triton')"
         if why is not None:
