@@ -423,8 +423,13 @@ class TestModule:
         assert att.shape == (2, 2, 6)
         out.sum().backward()
         assert layer.pos_emb.grad is not None and torch.count_nonzero(layer.pos_emb.grad) > 0
-        with pytest.raises(ValueError, match="pos_emb"):
-            layer(torch.randn(2, 5, 8), torch.tensor([5, 3]))
+        # a shorter history takes the table's first L rows; a longer one is refused
+        short = torch.randn(2, 5, 8)
+        want = multi_interest_attention(short, torch.tensor([5, 3]), layer.w1, None, layer.w2,
+                                        None, pos_emb=layer.pos_emb[:5], backend="eager")
+        assert_close(layer(short, torch.tensor([5, 3])), want, atol=1e-6, name="short")
+        with pytest.raises(ValueError, match="seq_len"):
+            layer(torch.randn(2, 7, 8), torch.tensor([5, 3]))
 
     def test_matches_functional(self):
         layer = MultiInterestAttention(8, 3, seq_len=5).double()

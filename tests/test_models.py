@@ -239,11 +239,11 @@ def test_dr_bilinear_init():
 def test_one_dense_item_grad_per_step(name, loss, monkeypatch):
     # a model's loss looks the item table up through one alias whose backward builds ONE dense
     # gradient: the same gradients as direct dense lookups, dense layout
-    from seqrec_fast.models import _ops, base
-    from seqrec_fast.models._ops import one_dense_grad_table
+    from seqrec_fast.models import _common, base
+    from seqrec_fast.models._common import one_dense_grad_table
 
     calls = []
-    monkeypatch.setattr(_ops, "one_dense_grad_table",
+    monkeypatch.setattr(_common, "one_dense_grad_table",
                         lambda w: calls.append(1) or one_dense_grad_table(w))
 
     torch.manual_seed(0)

@@ -150,7 +150,7 @@ def test_torch_compile_fullgraph():
     backend = FUSED[0] if FUSED else "eager"
     torch._dynamo.reset()
     for bilinear in ("shared", "per_position"):
-        layer = CapsuleRouting(16, 3, 7, bilinear=bilinear, backend=backend).double()
+        layer = CapsuleRouting(16, 3, seq_len=7, bilinear=bilinear, backend=backend).double()
         seq = torch.randn(4, 7, 16, dtype=torch.float64, requires_grad=True)
         lengths = torch.tensor([7, 3, 0, 5])
         init = torch.randn(4, 3, 7, dtype=torch.float64)
@@ -344,7 +344,7 @@ class TestModule:
         assert layer.weight.shape == (8, 8)
 
     def test_dr_shapes_and_grads(self):
-        layer = CapsuleRouting(8, 4, 6)
+        layer = CapsuleRouting(8, 4, seq_len=6)
         assert layer.weight.shape == (6, 32, 8)
         out = layer(torch.randn(3, 6, 8), torch.tensor([1, 6, 3]))
         assert out.shape == (3, 4, 8)

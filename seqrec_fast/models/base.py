@@ -20,8 +20,11 @@ from torch import Tensor, nn
 
 from .. import _checks
 from ..backend import BACKENDS
+from ..nn.linear_cross_entropy import LinearCrossEntropyLoss
+from ..nn.sampled_softmax import SampledSoftmaxLoss
+from ..ops.attention import label_aware_attention
 from ..ops.samplers import LogUniformSampler, UniformSampler
-from . import _ops
+from . import _common
 
 LOSSES = ("sampled", "full")
 SAMPLERS = ("log_uniform", "uniform")
@@ -49,7 +52,7 @@ class SeqRecModel(nn.Module):
       backend: passed to every fused op ("auto" | "triton" | "cuda" | "cpp" | "eager"). "auto":
         each op picks its fastest kernel for the tensors' device. A backend named explicitly must
         have a kernel for every fused op the model uses (interest extraction and the loss), else
-        the constructor raises ValueError (see ``seqrec_fast.models._ops.check_backend``).
+        the constructor raises ValueError (see ``seqrec_fast.models._common.check_backend``).
     """
     multi_interest = False
     _step_table: Optional[Tensor] = None   # the item table's alias during one loss() call
@@ -79,8 +82,13 @@ class SeqRecModel(nn.Module):
         self.neg_sampler, self.readout, self.readout_pow = neg_sampler, readout, float(readout_pow)
         self.sparse, self.backend = sparse, backend
         ops = ([self.interest_op] if self.interest_op else []) + \
-            [_ops.OP_FULL if loss == "full" else _ops.OP_SAMPLED]
-        _ops.check_backend(backend, ops, type(self).__name__)
+            [_common.OP_FULL if loss == "full" else _common.OP_SAMPLED]
+        _common.check_backend(backend, ops, type(self).__name__)
+        # the loss layer: full catalog, or shared negatives with accidental hits removed and no
+        # in-batch negatives (ComiRec); shard_catalog() swaps in the catalog-parallel one
+        self.criterion = (LinearCrossEntropyLoss(backend=backend) if loss == "full" else
+                          SampledSoftmaxLoss(in_batch_negatives=False,
+                                             remove_accidental_hits=True, backend=backend))
         # the full softmax gives every row a gradient: a sparse one would only cost a conversion.
         # The module's flag is what DistributedDataParallel reads to expect sparse gradients.
         self.item_emb = nn.Embedding(n_items, dim, sparse=sparse and loss == "sampled")
@@ -113,6 +121,8 @@ class SeqRecModel(nn.Module):
             new.weight.copy_(old.weight[lo:hi])
         self.item_emb = new
         self.catalog_shard = (group, rank, world, lo, hi)
+        if self.loss_type == "full":
+            self.criterion = LinearCrossEntropyLoss(backend=self.backend, process_group=group)
         return self
 
     # ---------------------------------------------------------------- helpers
@@ -163,7 +173,7 @@ class SeqRecModel(nn.Module):
         if interests.shape[1] == 1:
             return interests[:, 0]
         p = math.inf if self.readout == "hard" else self.readout_pow
-        return _ops.label_aware_attention(interests, target_emb.to(interests.dtype), p)
+        return label_aware_attention(interests, target_emb.to(interests.dtype), pow=p)
 
     def sample_negatives(self, n: int, device) -> tuple:
         """-> (ids (n,) int64 in [1, n_items), log Q (n,) float32 = log(n · P(id))), drawn with
@@ -194,14 +204,14 @@ class SeqRecModel(nn.Module):
 
         On CPU with a dense item-table gradient, the step's lookups (history, targets,
         negatives) go through one alias of the table whose backward builds the (n_items, d)
-        gradient once (``_ops.one_dense_grad_table``) instead of once per lookup plus their
+        gradient once (``_common.one_dense_grad_table``) instead of once per lookup plus their
         sum: the same gradient, dense as before."""
         w = self.item_emb.weight
         if (self.item_emb.sparse or self._step_table is not None
                 or self.catalog_shard is not None or not torch.is_grad_enabled()
                 or not w.requires_grad or w.device.type != "cpu" or _compiling()):
             return self._loss(batch)
-        self._step_table = _ops.one_dense_grad_table(w)
+        self._step_table = _common.one_dense_grad_table(w)
         try:
             return self._loss(batch)
         finally:
@@ -224,7 +234,7 @@ class SeqRecModel(nn.Module):
             bias = self._pad_bias(user.device)
             if self.catalog_shard is not None:
                 return self._sharded_full_softmax(user.float(), target, bias)
-            return _ops.full_softmax(user.float(), self.item_emb.weight, target, bias, self.backend)
+            return self.criterion(user.float(), self.item_emb.weight, target, bias)
         B = target.shape[0]
         S = self.num_negatives or self.neg_ratio * B
         neg, log_q = self.sample_negatives(S, target.device)
@@ -232,8 +242,7 @@ class SeqRecModel(nn.Module):
         uniq, inv = torch.unique(torch.cat([target, neg]), return_inverse=True)
         items = self.embed(uniq)
         t_lq = self.target_log_q(target, S)
-        return _ops.sampled_softmax(user.float(), items.float(), inv[:B], inv[B:], log_q, t_lq,
-                                    self.backend)
+        return self.criterion(user.float(), items.float(), inv[:B], inv[B:], log_q, t_lq)
 
     def _pad_bias(self, device):
         """(rows held here,) zeros with -1e4 at padding id 0 (never a valid prediction)."""
@@ -252,13 +261,11 @@ class SeqRecModel(nn.Module):
         ``linear_cross_entropy`` runs on them; the rows' gradients are scaled by W so that
         DistributedDataParallel's averaging gives the global batch's gradient."""
         from ..ops.catalog_parallel import gather_batch
-        from ..ops.softmax import linear_cross_entropy
 
         group, _, world, _, _ = self.catalog_shard
         user_g = gather_batch(user, group, grad_scale=float(world))
         target_g = gather_batch(target, group)
-        return linear_cross_entropy(user_g, self.item_emb.weight, target_g, bias=bias,
-                                    backend=self.backend, process_group=group)
+        return self.criterion(user_g, self.item_emb.weight, target_g, bias)
 
     def extra_repr(self) -> str:
         return (f"n_items={self.n_items}, dim={self.dim}, max_len={self.max_len}, "

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks
+from ..nn.attention import MultiInterestAttention
 from ..nn.routing import CapsuleRouting
-from . import _ops
 from .base import SeqRecModel
 
 
@@ -72,10 +72,8 @@ class ComiRecDR(_MultiInterest):
         output item table, and the noise breaks the symmetry between the K capsules.
       "normal": N(0, 1) entries, ComiRec's TF initializer. The L·K independent random maps send
         the same item to unrelated directions at different positions, and the model must first
-        make them agree. On the synthetic default, Recall@50 with "normal" vs "identity": 0.24 vs
-        0.60 with the quality-test settings (d 16, lr 1e-2, 2000 steps; single-interest models
-        reach 0.37-0.38), and 0.06 vs 0.48 with the CLI defaults (d 64, lr 1e-3, 1500 steps;
-        most-popular: 0.12). Over ComiRec's hundreds of thousands of steps the start matters
+        make them agree: on short runs it trains far slower (figures in bench/NOTES.md, "Model
+        initialisation"). Over ComiRec's hundreds of thousands of steps the start matters
         little. The routing itself is ComiRec's either way.
     """
     interest_op = "routing"
@@ -88,7 +86,7 @@ class ComiRecDR(_MultiInterest):
         super().__init__(n_items, dim, max_len, num_interests=num_interests, **kw)
         _checks.choice("bilinear_init", bilinear_init, self.BILINEAR_INITS)
         self.bilinear_init = bilinear_init
-        self.routing = CapsuleRouting(dim, num_interests, max_len, bilinear="per_position",
+        self.routing = CapsuleRouting(dim, num_interests, seq_len=max_len, bilinear="per_position",
                                       iters=iters, softmax_axis=softmax_axis,
                                       detach_routing=detach_routing, backend=self.backend)
         if bilinear_init == "identity":
@@ -115,7 +113,8 @@ class MIND(_MultiInterest):
                  iters: int = 3, dynamic_k: bool = False, relu_layer: bool = True,
                  softmax_axis: str = "interest", detach_routing: bool = True, **kw):
         super().__init__(n_items, dim, max_len, num_interests=num_interests, **kw)
-        self.routing = CapsuleRouting(dim, num_interests, max_len, bilinear="shared", iters=iters,
+        self.routing = CapsuleRouting(dim, num_interests, seq_len=max_len, bilinear="shared",
+                                      iters=iters,
                                       softmax_axis=softmax_axis, detach_routing=detach_routing,
                                       init_logits="normal", backend=self.backend)
         self.dynamic_k = bool(dynamic_k)
@@ -137,22 +136,19 @@ class MIND(_MultiInterest):
 
 class ComiRecSA(_MultiInterest):
     """ComiRec-SA: H = tanh((E + P)·W1 + b1) with d_a = 4d, A = H·W2 + b2, masked softmax over the
-    sequence, interests = Aᵀ·E (values without the position embedding P)."""
+    sequence, interests = Aᵀ·E (values without the position embedding P). The layer is
+    :class:`seqrec_fast.nn.MultiInterestAttention` (``self.attention``); its position table
+    starts as N(0, 1/d) here."""
     interest_op = "attention"
 
     def __init__(self, n_items: int, dim: int = 64, max_len: int = 20, *, num_interests: int = 4,
                  hidden: int = None, add_pos: bool = True, **kw):
         super().__init__(n_items, dim, max_len, num_interests=num_interests, **kw)
-        d_a = hidden or 4 * dim
-        self.w1 = nn.Parameter(torch.empty(dim, d_a))
-        self.b1 = nn.Parameter(torch.zeros(d_a))
-        self.w2 = nn.Parameter(torch.empty(d_a, num_interests))
-        self.b2 = nn.Parameter(torch.zeros(num_interests))
-        nn.init.xavier_uniform_(self.w1)
-        nn.init.xavier_uniform_(self.w2)
-        self.pos_emb = nn.Parameter(torch.empty(max_len, dim)) if add_pos else None
-        if self.pos_emb is not None:
-            nn.init.normal_(self.pos_emb, 0.0, 1.0 / math.sqrt(dim))
+        self.attention = MultiInterestAttention(dim, num_interests, hidden_dim=hidden or 4 * dim,
+                                                seq_len=max_len if add_pos else None,
+                                                backend=self.backend)
+        if self.attention.pos_emb is not None:
+            nn.init.normal_(self.attention.pos_emb, 0.0, 1.0 / math.sqrt(dim))
 
     def user_embeddings(self, history: Tensor, mask: Tensor) -> Tensor:
         """history (B, L <= max_len) int64, mask (B, L) bool -> (B, K, d)."""
@@ -160,9 +156,7 @@ class ComiRecSA(_MultiInterest):
         L = history.shape[1]
         if L > self.max_len:
             raise ValueError(f"history has seq_len {L} > max_len {self.max_len}")
-        pos = self.pos_emb[:L] if self.pos_emb is not None else None
-        return _ops.multi_interest_attention(self.embed(history), mask, self.w1, self.b1, self.w2,
-                                             self.b2, pos, self.backend)
+        return self.attention(self.embed(history), mask)
 
 
 MODELS = {"youtubednn": YouTubeDNN, "gru4rec": GRU4Rec, "mind": MIND, "comirec-dr": ComiRecDR,

@@ -13,12 +13,14 @@ from ..ops.attention import multi_interest_attention
 class MultiInterestAttention(nn.Module):
     """Multi-interest self-attention owning its weights (ComiRec-SA).
 
-    Args:
+    Args (``dim`` and ``num_interests`` positional, the rest keyword-only, as
+    ``CapsuleRouting``):
       dim: item embedding size d.
       num_interests: K.
       hidden_dim: d_a of the tanh layer; default 4·dim as in ComiRec.
       seq_len: when given, a learned position embedding (seq_len, dim) is added to the keys
-        (ComiRec's ``add_pos``); inputs must then have exactly ``seq_len`` positions.
+        (ComiRec's ``add_pos``); inputs may then have up to ``seq_len`` positions (L positions
+        take the table's first L rows).
       bias: learn b1 and b2 (ComiRec's dense layers do).
       backend: as ``seqrec_fast.ops.multi_interest_attention``.
     Init as ComiRec's TF dense layers: Glorot-uniform w1, w2 and position table, zero biases.
@@ -28,7 +30,7 @@ class MultiInterestAttention(nn.Module):
       -> interests (B, K, d) [, attention (B, K, L)]
     """
 
-    def __init__(self, dim: int, num_interests: int, hidden_dim: Optional[int] = None, *,
+    def __init__(self, dim: int, num_interests: int, *, hidden_dim: Optional[int] = None,
                  seq_len: Optional[int] = None, bias: bool = True, backend: str = "auto",
                  device=None, dtype=None):
         super().__init__()
@@ -62,8 +64,15 @@ class MultiInterestAttention(nn.Module):
             nn.init.xavier_uniform_(self.pos_emb)
 
     def forward(self, seq_emb: Tensor, mask: Tensor, return_attention: bool = False):
+        pos = self.pos_emb
+        if pos is not None:
+            _checks.tensor("seq_emb", seq_emb, ndim=3)
+            L = seq_emb.shape[1]
+            if L > self.seq_len:
+                raise ValueError(f"seq_emb has {L} positions, more than seq_len={self.seq_len}")
+            pos = pos[:L]
         return multi_interest_attention(seq_emb, mask, self.w1, self.b1, self.w2, self.b2,
-                                        pos_emb=self.pos_emb, return_attention=return_attention,
+                                        pos_emb=pos, return_attention=return_attention,
                                         backend=self.backend)
 
     def extra_repr(self) -> str:

@@ -14,7 +14,8 @@ from ..ops.routing import capsule_routing
 class CapsuleRouting(nn.Module):
     """Dynamic routing layer owning its bilinear weight.
 
-    Args:
+    Args (``dim`` and ``num_interests`` positional, the rest keyword-only, as
+    ``MultiInterestAttention``):
       dim: item embedding size d.
       num_interests: K.
       seq_len: L, needed by ``bilinear="per_position"`` (one map per position and interest).
@@ -29,7 +30,7 @@ class CapsuleRouting(nn.Module):
             init_logits=None) -> (B, K, d)
     """
 
-    def __init__(self, dim: int, num_interests: int, seq_len: Optional[int] = None, *,
+    def __init__(self, dim: int, num_interests: int, *, seq_len: Optional[int] = None,
                  bilinear: str = "per_position", iters: int = 3,
                  softmax_axis: str = "interest", detach_routing: bool = True,
                  init_logits: Optional[str] = None, backend: str = "auto",

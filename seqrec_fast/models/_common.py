@@ -1,4 +1,5 @@
-"""The fused ops the models use, and the backend rule for models.
+"""What every model shares around the fused ops: the backend rule and the item table's
+one-dense-gradient alias.
 
 Backend rule (DESIGN.md "Backends"): a model passes its ``backend`` to every fused op it calls.
 ``"auto"`` lets each op pick its fastest kernel for the tensors' device (and fall back, saying
@@ -7,21 +8,18 @@ through ``SEQREC_FAST_BACKEND``) must have a kernel for EVERY fused op the model
 :func:`check_backend` verifies that when the model is built and raises ``ValueError`` naming the
 ops and the reason otherwise — a model never runs some of its ops on a backend other than the
 one asked for. The training readout (``label_aware_attention``, a (B, K) score matrix and a
-gather) is plain PyTorch for every backend. Shapes as in the ops.
+gather) is plain PyTorch for every backend. The models call the ops through the
+``seqrec_fast.nn`` layers and losses.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from ..ops.attention import label_aware_attention as _label_aware_attention
-from ..ops.attention import multi_interest_attention as _multi_interest_attention
-from ..ops.softmax import linear_cross_entropy as _linear_cross_entropy
-from ..ops.softmax import sampled_softmax_loss as _sampled_softmax_loss
 
 # backend-registry names (seqrec_fast.backend) of the fused ops
 OP_ROUTING, OP_ATTENTION = "routing", "attention"
@@ -71,12 +69,9 @@ class _OneDenseGrad(torch.autograd.Function):
     ``F.embedding(..., sparse=True)``; autograd sums their sparse (rows, values) gradients by
     concatenation, and the backward scatters that sum into one zero-initialised dense tensor.
     Looking up the table directly instead materializes one dense (n_items, d) gradient PER lookup
-    (zero-fill + per-row adds) and then adds them: on CPU at 1 thread, with a 100k x 64 table and
-    two lookups per step (history, targets+negatives), that was ~12 ms of a ~55 ms step in
-    bench/train.py (whose allocator setting returns every freed large buffer to the OS, so each
-    fresh (n_items, d) tensor is page-faulted in again) and ~4 ms of ~35 ms with glibc's default.
-    The models use it on CPU (measured there); the non-CPU branch keeps ATen's deterministic
-    dense embedding backward."""
+    (zero-fill + per-row adds) and then adds them, a measurable share of a CPU training step
+    (bench/NOTES.md, "One dense item-table gradient per step"). The models use it on CPU
+    (measured there); the non-CPU branch keeps ATen's deterministic dense embedding backward."""
 
     @staticmethod
     def forward(ctx, table):
@@ -103,37 +98,4 @@ def one_dense_grad_table(table: Tensor) -> Tensor:
     return _OneDenseGrad.apply(table)
 
 
-def multi_interest_attention(seq_emb: Tensor, mask: Tensor, w1: Tensor, b1: Optional[Tensor],
-                             w2: Tensor, b2: Optional[Tensor], pos_emb: Optional[Tensor],
-                             backend: str) -> Tensor:
-    """ComiRec-SA interests: seq_emb (B, L, d), mask (B, L) bool, w1 (d, d_a), w2 (d_a, K),
-    pos_emb (L, d) -> (B, K, d)."""
-    return _multi_interest_attention(seq_emb, mask, w1, b1, w2, b2, pos_emb=pos_emb,
-                                     backend=backend)
-
-
-def label_aware_attention(interests: Tensor, target_emb: Tensor, pow: float) -> Tensor:
-    """Readout: interests (B, K, d), target_emb (B, d) -> user vector (B, d);
-    pow = inf is the hard readout."""
-    return _label_aware_attention(interests, target_emb, pow=pow)
-
-
-def full_softmax(user: Tensor, items: Tensor, target: Tensor, bias: Optional[Tensor],
-                 backend: str) -> Tensor:
-    """Full-catalog softmax CE: user (B, d), items (N, d), target (B,), bias (N,) -> scalar."""
-    return _linear_cross_entropy(user, items, target, bias=bias, backend=backend)
-
-
-def sampled_softmax(user: Tensor, items: Tensor, target: Tensor, negatives: Tensor,
-                    log_q: Optional[Tensor], target_log_q: Optional[Tensor],
-                    backend: str) -> Tensor:
-    """Sampled softmax with shared negatives: user (B, d), items (M, d), target (B,),
-    negatives (S,), log_q (S,), target_log_q (B,) -> scalar. Accidental hits removed, no in-batch
-    negatives (ComiRec)."""
-    return _sampled_softmax_loss(user, items, target, negatives, log_q=log_q,
-                                 target_log_q=target_log_q, in_batch_negatives=False,
-                                 remove_accidental_hits=True, backend=backend)
-
-
-__all__ = ["check_backend", "one_dense_grad_table", "multi_interest_attention",
-           "label_aware_attention", "full_softmax", "sampled_softmax"]
+__all__ = ["check_backend", "one_dense_grad_table"]
