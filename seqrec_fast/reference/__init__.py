@@ -8,3 +8,4 @@ from .attention import attention_ref, label_aware_attention_ref  # noqa: F401
 from .routing import bilinear_ref, routing_iterations_ref, routing_ref, squash  # noqa: F401
 from .softmax import (bpr_max_ref, linear_cross_entropy_ref, sampled_candidates_ref,  # noqa: F401
                       sampled_softmax_ref)
+from .multi_interest_topk import multi_interest_topk_ref  # noqa: F401
