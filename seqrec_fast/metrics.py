@@ -4,11 +4,12 @@ For one user with recommendation list r (N ids, best first) and target set T (du
   recall@N  = |r ∩ T| / |T|
   ndcg@N    = DCG / IDCG, DCG = Σ_{i: r_i ∈ T} 1/log2(i+2), IDCG = Σ_{i < min(|T|, N)} 1/log2(i+2)
   hitrate@N = 1 if r ∩ T ≠ ∅ else 0
+  diversity@N = share of the pairs of distinct recommended items whose categories differ
 Averaged over users. Ids < 1 in ``recs`` (padding 0, or -1 for "no result") never count.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Sequence
+from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 
@@ -27,11 +28,59 @@ def _targets_dense(tgt_indptr: torch.Tensor, tgt_items: torch.Tensor) -> torch.T
     return out
 
 
+def per_user_diversity(recs: torch.Tensor, categories: torch.Tensor,
+                       k: Optional[int] = None) -> torch.Tensor:
+    """Diversity@k as ComiRec computes it (``compute_diversity`` in its official code): over the
+    m distinct recommended items of a user, the number of pairs i < j with different categories
+    divided by m·(m-1)/2.
+
+    recs: (U, N) int64 ids, best first; ids < 1 are ignored and a repeated id counts once (ComiRec
+    takes the set of recommended items). categories: (num_items,) integer category of every id
+    (compared as they are: two items of category -1 count as the same category). k: the first
+    k columns (default all). Returns (U,) float64; a user with fewer than 2 items gets 0 (ComiRec
+    would divide by zero). Batched: a sort per row, no (U, N, N) tensor.
+    """
+    if not isinstance(recs, torch.Tensor) or recs.dim() != 2 or recs.dtype.is_floating_point:
+        raise ValueError(f"recs must be a (users, N) integer tensor, got "
+                         f"{getattr(recs, 'shape', type(recs))}")
+    if not isinstance(categories, torch.Tensor) or categories.dim() != 1 \
+            or categories.dtype.is_floating_point or categories.dtype == torch.bool:
+        raise ValueError("categories must be a 1-D integer tensor (num_items,)")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    r = recs[:, :k] if k is not None else recs
+    U = r.shape[0]
+    if r.shape[1] == 0:
+        return torch.zeros(U, dtype=torch.float64, device=r.device)
+    cats_all = categories.to(device=r.device, dtype=torch.int64)
+    if r.numel() and int(r.max()) >= cats_all.shape[0]:
+        raise ValueError(f"recs holds id {int(r.max())} but categories has only "
+                         f"{cats_all.shape[0]} entries")
+    srt, _ = torch.where(r >= 1, r, torch.full_like(r, -1)).sort(dim=1)
+    valid = srt >= 1
+    valid[:, 1:] &= srt[:, 1:] != srt[:, :-1]                          # distinct ids only
+    m = valid.sum(1).to(torch.float64)
+    cat = cats_all[srt.clamp(min=0)]
+    # invalid places get pairwise distinct categories no real item has
+    pos = torch.arange(r.shape[1], device=r.device)
+    top = int(cats_all.max()) + 1 if cats_all.numel() else 0
+    cat = torch.where(valid, cat, top + pos[None, :])
+    cat, _ = cat.sort(dim=1)
+    start = torch.ones_like(cat, dtype=torch.bool)
+    start[:, 1:] = cat[:, 1:] != cat[:, :-1]
+    run_start = torch.cummax(torch.where(start, pos[None, :], torch.zeros_like(cat)), dim=1).values
+    same = (pos[None, :] - run_start).sum(1).to(torch.float64)        # Σ_runs len·(len-1)/2
+    pairs = m * (m - 1) / 2
+    return torch.where(pairs > 0, 1.0 - same / pairs.clamp(min=1), torch.zeros_like(pairs))
+
+
 def per_user_metrics(recs: torch.Tensor, tgt_indptr: torch.Tensor, tgt_items: torch.Tensor,
-                     ks: Sequence[int] = (20, 50)) -> Dict[str, torch.Tensor]:
+                     ks: Sequence[int] = (20, 50), *,
+                     categories: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """recs: (U, N) int64 ids, best first (ids < 1 ignored); tgt_indptr: (U+1,) int64;
     tgt_items: (nnz,) int64. Returns {"recall@k", "ndcg@k", "hitrate@k"}: (U,) float64 each,
-    for every k in ks (k <= N)."""
+    for every k in ks (k <= N), plus "diversity@k" (:func:`per_user_diversity`) when the items'
+    ``categories`` (num_items,) are given."""
     if not isinstance(recs, torch.Tensor) or recs.dim() != 2:
         raise ValueError(f"recs must be a (users, N) tensor, got {getattr(recs, 'shape', type(recs))}")
     if not isinstance(tgt_indptr, torch.Tensor) or tgt_indptr.dim() != 1 \
@@ -71,6 +120,8 @@ def per_user_metrics(recs: torch.Tensor, tgt_indptr: torch.Tensor, tgt_items: to
         out[f"recall@{k}"] = torch.where(valid, nh / safe, torch.zeros_like(nh))
         out[f"ndcg@{k}"] = torch.where(valid, dcg / ideal, torch.zeros_like(dcg))
         out[f"hitrate@{k}"] = (nh > 0).to(torch.float64)
+        if categories is not None:
+            out[f"diversity@{k}"] = per_user_diversity(recs, categories, k)
     return out
 
 
@@ -85,8 +136,12 @@ def aggregate(parts: Iterable[Dict[str, torch.Tensor]]) -> Dict[str, float]:
 
 
 def format_table(rows: Dict[str, Dict[str, float]], ks: Sequence[int] = (20, 50)) -> str:
-    """{row name: metrics} -> a Markdown table (Recall, NDCG, HitRate at each k)."""
-    cols = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg", "hitrate")]
+    """{row name: metrics} -> a Markdown table (Recall, NDCG, HitRate at each k, and Diversity
+    when some row has it)."""
+    names = ["recall", "ndcg", "hitrate"]
+    if any(f"diversity@{k}" in m for m in rows.values() for k in ks):
+        names.append("diversity")
+    cols = [f"{m}@{k}" for k in ks for m in names]
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, m in rows.items():
         lines.append(f"| {name} | " + " | ".join(

@@ -112,3 +112,54 @@ def test_popularity_baseline():
     m = evaluate_popularity(counts, split, ks=(1, 2))
     assert m["recall@1"] == pytest.approx((1.0 + 0.0) / 2)
     assert m["recall@2"] == pytest.approx((1.0 + 0.5) / 2)
+
+
+def _diversity_brute(row, cats):
+    """ComiRec's compute_diversity over the set of recommended ids (ids < 1 ignored)."""
+    items = sorted({i for i in row if i >= 1})
+    n = len(items)
+    if n < 2:
+        return 0.0
+    diff = sum(cats[items[i]] != cats[items[j]] for i in range(n) for j in range(i + 1, n))
+    return diff / (n * (n - 1) / 2)
+
+
+def test_diversity_against_brute_force():
+    from seqrec_fast.metrics import per_user_diversity
+
+    g = torch.Generator().manual_seed(0)
+    cats = torch.randint(-1, 5, (60,), generator=g)
+    recs = torch.randint(-1, 60, (40, 12), generator=g)
+    recs[0] = -1                       # no items
+    recs[1, :] = 7                     # one distinct item
+    recs[2, :6] = torch.arange(1, 7)   # k cuts inside
+    for k in (None, 1, 5, 12):
+        got = per_user_diversity(recs, cats, k)
+        want = [_diversity_brute(r[:k].tolist() if k else r.tolist(), cats.tolist())
+                for r in recs]
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
+    # hand example: categories a, a, b -> pairs (a,a) same, (a,b), (a,b) differ: 2/3
+    m = per_user_diversity(torch.tensor([[1, 2, 3, 0]]), torch.tensor([9, 4, 4, 5]))
+    assert m.tolist() == [pytest.approx(2 / 3)]
+
+
+def test_diversity_in_per_user_metrics_and_table():
+    recs = torch.tensor([[1, 2, 3, 4]])
+    cats = torch.tensor([0, 0, 0, 1, 1])
+    m = per_user_metrics(recs, torch.tensor([0, 1]), torch.tensor([2]), ks=(2, 4), categories=cats)
+    assert m["diversity@2"].tolist() == [0.0] and m["diversity@4"].tolist() == [pytest.approx(4 / 6)]
+    assert "diversity@4" in format_table({"x": aggregate([m])}, ks=(2, 4))
+    assert "diversity" not in format_table({"x": {"recall@2": 1.0}}, ks=(2,))
+
+
+def test_diversity_errors():
+    from seqrec_fast.metrics import per_user_diversity
+
+    with pytest.raises(ValueError, match="recs"):
+        per_user_diversity(torch.tensor([1, 2]), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="categories"):
+        per_user_diversity(torch.tensor([[1, 2]]), torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="categories has only"):
+        per_user_diversity(torch.tensor([[1, 5]]), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="k must"):
+        per_user_diversity(torch.tensor([[1, 2]]), torch.tensor([0, 1, 2]), 0)
