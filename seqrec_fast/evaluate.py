@@ -11,7 +11,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from .data.sampler import eval_batches
+from .data.batches import eval_batches
 from .metrics import aggregate, per_user_metrics
 from .retrieval import Retriever, merge_topn
 

@@ -205,18 +205,71 @@ def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
         load_parquet(p)
 
 
-@pytest.mark.parametrize("text, match", [
-    ("user_id,item_id\n1,2\n", "missing column.*timestamp"),
-    ("user_id,item_id,timestamp\n1,abc,3\n", "item_id.*integer.*'abc'.*line 2"),
-    ("user_id,item_id,timestamp\n1.5,2,3\n", "user_id.*integer"),
-    ("user_id,item_id,timestamp\n1,2,noon\n", "timestamp.*numbers"),
-    ("user_id,item_id,timestamp\n", "no data rows"),
-    ("user_id,item_id,timestamp\n1,2\n", "line 2 has 2 fields"),
+@pytest.mark.parametrize("text, kw, match", [
+    ("user_id,item_id\n1,2\n", {"time_col": "timestamp"}, "missing column.*timestamp"),
+    ("a,b,c\n1,2,3\n", {}, "missing column.*user_id.*user_col"),
+    ("user_id,item_id,timestamp\n1,2,noon\n", {}, "timestamp.*numbers.*'noon'.*line 2"),
+    ("user_id,item_id,timestamp\n", {}, "no data rows"),
+    ("user_id,item_id,timestamp\n1,2\n", {}, "line 2 has 2 fields"),
+    ("user_id,item_id,timestamp\n1,,3\n", {}, "item_id.*empty.*line 2"),
+    ("1,2,3\n", {"item_col": 5}, "item_col=5.*3 column"),
 ])
-def test_csv_bad_input(tmp_path, text, match):
+@pytest.mark.parametrize("arrow", [True, False])
+def test_csv_bad_input(tmp_path, monkeypatch, text, kw, match, arrow):
+    if not arrow:
+        _no_pyarrow(monkeypatch)
     p = _write(tmp_path, "bad.csv", text)
     with pytest.raises(ValueError, match=match):
-        load_csv(p)
+        load_csv(p, **kw)
+
+
+def _no_pyarrow(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name.split(".")[0] == "pyarrow":
+            raise ImportError("no pyarrow")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+
+
+@pytest.mark.parametrize("arrow", [True, False])
+def test_csv_layouts_people_have(tmp_path, monkeypatch, arrow):
+    """MovieLens ratings.csv (userId,movieId), a two-column file, a header-less tab-separated
+    u.data, string ids: all load without options, the same with and without pyarrow."""
+    if not arrow:
+        _no_pyarrow(monkeypatch)
+    ml = load_csv(_write(tmp_path, "ratings.csv",
+                         "userId,movieId,rating,timestamp\n1,31,2.5,1260759144\n"
+                         "1,1029,3.0,1260759179\n2,10,4.0,835355493\n"))
+    assert ml.user.tolist() == [1, 1, 2] and ml.item.tolist() == [31, 1029, 10]
+    assert ml.time.tolist() == [1260759144, 1260759179, 835355493]
+    two = load_csv(_write(tmp_path, "two.csv", "user_id,item_id\n5,7\n5,8\n6,7\n"))
+    assert two.item.tolist() == [7, 8, 7] and two.time.tolist() == [0, 1, 2]   # file order
+    udata = load_interactions(_write(tmp_path, "u.data", "196\t242\t3\t881250949\n"
+                                                         "186\t302\t3\t891717742\n"))
+    assert udata.user.tolist() == [196, 186] and udata.item.tolist() == [242, 302]
+    assert udata.time.tolist() == [881250949, 891717742]        # the last column, not rating
+    strs = load_csv(_write(tmp_path, "s.csv", "user,item,time\nann,B00X,3\nbob,0545,1\n"
+                                              "ann,0545,2\n"))
+    assert strs.user_tokens.tolist() == ["ann", "bob"] and strs.user.tolist() == [0, 1, 0]
+    assert strs.item_tokens.tolist() == ["0545", "B00X"] and strs.item.tolist() == [1, 0, 0]
+    idx = load_csv(_write(tmp_path, "cols.txt", "9 1 2\n9 3 1\n"), sep=" ", user_col=0,
+                   item_col=1, time_col=2)
+    assert idx.item.tolist() == [1, 3] and idx.time.tolist() == [2, 1]
+    nt = load_csv(_write(tmp_path, "nt.csv", "user_id,item_id,timestamp\n1,2,9\n1,3,8\n"),
+                  time_col="none")
+    assert nt.time.tolist() == [0, 1]
+
+
+def test_csv_string_ids_survive_preprocessing(tmp_path):
+    rows = "".join(f"u{u},i{(u * 3 + k) % 7},{k}\n" for u in range(12) for k in range(8))
+    ds = load_dataset(_write(tmp_path, "s.csv", "user,item,ts\n" + rows), cache_dir=None,
+                      k_core=2)
+    assert ds.item_tokens[0] == "" and set(ds.item_tokens[1:]) == {f"i{k}" for k in range(7)}
 
 
 def test_empty_and_missing_files(tmp_path):
@@ -455,3 +508,62 @@ def test_pad_histories_short_rows():
     assert h.tolist() == [[0, 5, 6], [3, 4, 9]] and m.sum().item() == 5
     h, m = pad_histories(indptr, items, torch.tensor([0, 1]), torch.tensor([2, 5]), 3, "right")
     assert h.tolist() == [[5, 6, 0], [3, 4, 9]]
+
+
+# ----------------------------------------------------------------- one entry point, cache, split
+def test_synthetic_module_only_generates():
+    """No import circle: the generator knows nothing of preprocessing or caching."""
+    import inspect
+
+    import seqrec_fast.data.synthetic as syn
+
+    src = inspect.getsource(syn)
+    assert "preprocess" not in src.split('"""', 2)[2] and "cache" not in src.split('"""', 2)[2]
+    a = load_dataset("synthetic", synthetic={"n_users": 300, "n_items": 200, "n_interests": 8})
+    b = synthetic_dataset(n_users=300, n_items=200, n_interests=8)
+    assert np.array_equal(a.train_items, b.train_items)
+
+
+def test_default_cache_is_keyed_by_content(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SEQREC_FAST_CACHE", str(tmp_path / "cache"))
+    rows = "".join(f"{u},{(u * 7 + k) % 40 + 1},{k}\n" for u in range(60) for k in range(10))
+    p = _write(tmp_path, "a.csv", "user_id,item_id,timestamp\n" + rows)
+    a = load_dataset(p)                                   # cache_dir="auto": cached
+    assert len(list((tmp_path / "cache").glob("a.csv-*.npz"))) == 1
+    (tmp_path / "moved").mkdir()
+    q = tmp_path / "moved" / "a.csv"
+    q.write_text(p.read_text())                            # same content elsewhere: a hit
+    caplog.set_level(logging.INFO)
+    b = load_dataset(q)
+    assert "loading the cached dataset" in caplog.text
+    assert np.array_equal(a.train_items, b.train_items)
+    caplog.clear()
+    q.write_text(p.read_text() + "999,1,0\n")              # edited: a new entry
+    load_dataset(q)
+    assert "loading the cached dataset" not in caplog.text
+    caplog.clear()
+    load_dataset(q, seed=7)                                # another option: a new entry
+    assert "loading the cached dataset" not in caplog.text
+    assert load_dataset("synthetic", synthetic={"n_users": 300, "n_items": 200,
+                                                "n_interests": 8}) is not None
+    assert not list((tmp_path / "cache").glob("synthetic-*"))   # generated, not cached
+
+
+def test_split_options_and_ready_made_user_split(tmp_path):
+    rows = "".join(f"{u},{(u * 7 + k) % 40 + 1},{k}\n" for u in range(100) for k in range(10))
+    p = _write(tmp_path, "a.csv", "user_id,item_id,timestamp\n" + rows)
+    d = load_dataset(p, cache_dir=None, ratios=(0.5, 0.25, 0.25), seed=1,
+                     eval_history_frac=0.5)
+    assert (d.n_train_users, d.valid.n_users, d.test.n_users) == (50, 25, 25)
+    assert np.diff(d.test.hist_indptr).tolist() == [5] * 25
+    split = {u: "train" if u < 70 else "valid" if u < 80 else "test" for u in range(95)}
+    f = _write(tmp_path, "split.csv", "user,split\n" + "".join(f"{u},{s}\n"
+                                                                for u, s in split.items()))
+    for given in (f, split):
+        d = load_dataset(p, cache_dir=tmp_path / "c", user_split=given)
+        assert (d.n_train_users, d.valid.n_users, d.test.n_users) == (70, 10, 15)
+    with pytest.raises(ValueError, match="split must be train, valid or test"):
+        load_dataset(p, cache_dir=None,
+                     user_split=_write(tmp_path, "bad.csv", "1,train\n2,holdout\n"))
+    with pytest.raises(ValueError, match="user_split needs split='user'"):
+        load_dataset(p, cache_dir=None, split="leave_last_out", user_split=split)

@@ -1,6 +1,8 @@
-"""Data pipeline: loaders, preprocessing (k-core, remap, splits, cache), samplers, synthetic data."""
+"""Data pipeline: loaders, preprocessing (k-core, remap, splits, cache), training batches,
+synthetic data. ``load_dataset`` is the one entry point from a source to a cached Dataset."""
+from .batches import TrainSampler, eval_batches, pad_histories  # noqa: F401
 from .loaders import (Interactions, load_comirec, load_csv, load_interactions,  # noqa: F401
-                      load_parquet, load_recbole)
-from .preprocess import Dataset, EvalSplit, kcore, load_dataset, preprocess  # noqa: F401
-from .sampler import TrainSampler, eval_batches, pad_histories  # noqa: F401
-from .synthetic import synthetic, synthetic_dataset  # noqa: F401
+                      load_parquet, load_recbole, read_user_split)
+from .preprocess import (Dataset, EvalSplit, default_cache_dir, kcore, load_dataset,  # noqa: F401
+                         preprocess, synthetic_dataset)
+from .synthetic import synthetic  # noqa: F401

@@ -159,32 +159,266 @@ def _columns(path, cols, rows, first, wanted: dict, optional=()):
     return out
 
 
-def load_csv(path, *, user_col: str = "user_id", item_col: str = "item_id",
-             time_col: Optional[str] = "timestamp", sep: str = ",", header: bool = True,
-             names: Optional[Sequence[str]] = None) -> Interactions:
-    """CSV/TSV log with a header (or ``names`` when ``header=False``).
+# Column names recognised when none is given (case-insensitive): the usual spellings of
+# MovieLens, RecBole, Amazon, Taobao and ComiRec exports.
+ALIASES = {
+    "user": ("user_id", "userid", "user", "uid", "customer_id", "visitorid", "reviewerid"),
+    "item": ("item_id", "itemid", "item", "iid", "movieid", "movie_id", "product_id", "asin",
+             "artist_id", "track_id"),
+    "time": ("timestamp", "time", "ts", "datetime", "date", "unixreviewtime",
+             "event_time"),
+}
+FLAGS = {"user": "user_col", "item": "item_col", "time": "time_col"}
 
-    user_col / item_col: integer id columns (required). time_col: numeric timestamps, or None
-    (then the file order is the time order). Returns Interactions with n rows.
-    Raises ValueError for a missing file/column, an empty file, a non-integer id, a ragged row.
+
+def _first_lines(path: str, n: int = 2):
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                out.append(line.rstrip("\r\n"))
+                if len(out) == n:
+                    break
+    return out
+
+
+def _sniff_sep(path: str, line: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".tsv", ".inter", ".data", ".tab"):
+        return "\t"
+    for c in ("\t", ",", ";", "|"):
+        if c in line:
+            return c
+    return " " if " " in line else ","
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _detect_header(first, second, sep, roles) -> bool:
+    """A first line names the columns when it names a requested column, or when none of its
+    fields is a number while the next line has numbers."""
+    f = [c.strip() for c in first.split(sep)]
+    if any(isinstance(v, str) and not v.isdigit() and v in f for v in roles.values()):
+        return True
+    low = {c.lower() for c in f}
+    if any(a in low for al in ALIASES.values() for a in al):
+        return True
+    if any(_is_number(c) for c in f):
+        return False
+    return second is not None and any(_is_number(c.strip()) for c in second.split(sep))
+
+
+def _resolve(path, cols, header, roles):
+    """roles: role -> the given column (name, index as int / digit string, None: detect, or
+    "none" for time). -> role -> column position (time may be None: file order)."""
+    pos = {}
+    low = {c.lower(): i for i, c in enumerate(cols)}
+    missing = []
+    for role in ("user", "item", "time"):
+        want = roles.get(role)
+        if role == "time" and isinstance(want, str) and want.lower() == "none":
+            pos[role] = None
+            continue
+        if isinstance(want, int) or (isinstance(want, str) and want.isdigit()):
+            j = int(want)
+            if not 0 <= j < len(cols):
+                raise ValueError(f"{path}: {FLAGS[role]}={want} but the file has {len(cols)} "
+                                 f"column(s)")
+            pos[role] = j
+        elif want is not None:
+            if want in cols:
+                pos[role] = cols.index(want)
+            else:
+                missing.append(want)
+        elif header:
+            hit = [low[a] for a in ALIASES[role] if a in low]
+            pos[role] = hit[0] if hit else None
+            if pos[role] is None and role != "time":
+                missing.append(role + "_id")
+        else:   # no header: user, item, then the timestamp last (as ComiRec's files, u.data)
+            pos[role] = {"user": 0, "item": 1}.get(role, len(cols) - 1 if len(cols) >= 3
+                                                    else None)
+            if pos[role] is not None and pos[role] >= len(cols):
+                raise ValueError(f"{path}: the file has {len(cols)} column(s); it needs a user "
+                                 f"and an item column")
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; the file has columns {cols}. "
+                         f"Name them with user_col / item_col / time_col")
+    if pos["user"] == pos["item"]:
+        raise ValueError(f"{path}: the user and item columns are the same column "
+                         f"({cols[pos['user']]!r})")
+    return pos
+
+
+def _arrow_table(path, sep, header, ncols):
+    """The file through pyarrow's multithreaded CSV reader, or None (no pyarrow, or a file it
+    rejects: the csv-module path then reports the problem line by line)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+    except ImportError:
+        return None
+    names = None if header else [str(i) for i in range(ncols)]
+    try:
+        return pacsv.read_csv(
+            path, read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 24),
+            parse_options=pacsv.ParseOptions(delimiter=sep),
+            convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeDecodeError) as exc:
+        log.debug("%s: pyarrow could not read the file (%s); using the csv module", path, exc)
+        return None
+
+
+def _arrow_ids(col, name, path):
+    """A pyarrow column -> (int64 ids, tokens or None), as :func:`_to_ids`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if col.null_count:
+        return None
+    if pa.types.is_integer(col.type):
+        return col.to_numpy().astype(np.int64, copy=False), None
+    if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+        col = pc.cast(col, pa.string())
+    if pc.any(pc.equal(pc.utf8_length(col), 0)).as_py():
+        return None                               # empty tokens: reported by the slow path
+    enc = col.dictionary_encode()
+    vocab = np.asarray(enc.dictionary.to_pylist(), dtype=str)
+    order = np.argsort(vocab, kind="stable")      # ids in sorted token order (as _to_ids)
+    rank = np.empty(len(vocab), dtype=np.int64)
+    rank[order] = np.arange(len(vocab))
+    return rank[enc.indices.to_numpy()], vocab[order]
+
+
+def _arrow_time(col):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if col.null_count:
+        return None
+    if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
+        col = pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64())
+    if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+        return None
+    return col.to_numpy().astype(np.float64)
+
+
+def load_csv(path, *, user_col=None, item_col=None, time_col=None, sep: Optional[str] = None,
+             header: Optional[bool] = None,
+             names: Optional[Sequence[str]] = None) -> Interactions:
+    """Delimited log (CSV, TSV, MovieLens ``u.data``, ...) -> Interactions with n rows.
+
+    user_col / item_col / time_col: a column name, or a 0-based column index (a file without
+    header). None picks the usual names (``user_id``/``userId``/``user``...,
+    ``item_id``/``movieId``/``item``..., ``timestamp``/``time``...); without a header: user in
+    column 0, item in column 1, the timestamp in the last column when there are 3 or more.
+    ``time_col="none"`` (or no timestamp column found) makes the file order the time order.
+    sep: None sniffs it (tab for .tsv/.data, else the first of tab , ; | in the first line).
+    header: None detects it; ``names`` gives column names to a file without header.
+    Ids may be integers (kept as they are) or any strings (remapped to dense ids in sorted
+    token order; ``Interactions.user_tokens`` / ``item_tokens`` keep the tokens), as for
+    RecBole files. Timestamps: numbers or ISO dates.
+
+    Read with pyarrow's multithreaded CSV reader when pyarrow is installed, else with the csv
+    module (timings in bench/NOTES.md). Raises ValueError naming the file, the column and the line for a
+    missing file or column, an empty file, a ragged row, a non-numeric timestamp.
     """
     path = _check_path(path)
-    for name, v in (("user_col", user_col), ("item_col", item_col), ("sep", sep)):
-        if not isinstance(v, str) or not v:
-            raise TypeError(f"{name} must be a non-empty str, got {v!r}")
-    cols, rows, first = _read_table(path, sep, header, names)
-    wanted = {"user": user_col, "item": item_col}
-    if time_col is not None:
-        wanted["time"] = time_col
-    vals = _columns(path, cols, rows, first, wanted)
-    user = _to_int(vals["user"], user_col, path, first)
-    item = _to_int(vals["item"], item_col, path, first)
-    if time_col is not None:
-        time = _to_float(vals["time"], time_col, path, first)
-    else:
-        time = np.arange(len(user), dtype=np.float64)
+    for name, v in (("user_col", user_col), ("item_col", item_col), ("time_col", time_col)):
+        if v is not None and not (isinstance(v, str) and v) and not (
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            raise TypeError(f"{name} must be a column name or a 0-based index, got {v!r}")
+    if sep is not None and (not isinstance(sep, str) or len(sep) != 1):
+        raise ValueError(f"sep must be one character, got {sep!r}")
+    lines = _first_lines(path)
+    if not lines:
+        raise ValueError(f"path {path!r} is empty")
+    sep = sep or _sniff_sep(path, lines[0])
+    roles = {"user": user_col, "item": item_col, "time": time_col}
+    if names is not None:
+        header = False if header is None else header
+    if header is None:
+        header = _detect_header(lines[0], lines[1] if len(lines) > 1 else None, sep, roles)
+    ncols = len(lines[0].split(sep))
+    cols = ([c.strip() for c in lines[0].split(sep)] if header
+            else list(names) if names is not None else [str(i) for i in range(ncols)])
+    if names is not None and header:
+        raise ValueError("names is for a file without header (header=False)")
+    pos = _resolve(path, cols, header, roles)
+    got = None
+    if names is None:
+        table = _arrow_table(path, sep, header, ncols)
+        if table is not None and table.num_columns == len(cols):
+            if table.num_rows == 0:
+                raise ValueError(f"{path}: the file has no data rows")
+            u = _arrow_ids(table.column(pos["user"]), cols[pos["user"]], path)
+            i = _arrow_ids(table.column(pos["item"]), cols[pos["item"]], path)
+            t = (np.arange(table.num_rows, dtype=np.float64) if pos["time"] is None
+                 else _arrow_time(table.column(pos["time"])))
+            if u is not None and i is not None and t is not None:
+                got = (u, i, t)
+    if got is None:                               # csv module: also the precise error path
+        cols2, rows, first = _read_table(path, sep, header, cols if not header else None)
+        wanted = {r: cols[j] for r, j in pos.items() if j is not None}
+        vals = _columns(path, cols2 if header else cols, rows, first, wanted)
+        u = _to_ids(vals["user"], cols[pos["user"]], path, first)
+        i = _to_ids(vals["item"], cols[pos["item"]], path, first)
+        t = (np.arange(len(rows), dtype=np.float64) if pos["time"] is None
+             else _to_float(vals["time"], cols[pos["time"]], path, first))
+        got = (u, i, t)
+    (user, user_tokens), (item, item_tokens), time = got
+    if pos["time"] is None:
+        log.info("%s: no timestamp column: the file order is the time order", path)
+    for role, tok in (("user", user_tokens), ("item", item_tokens)):
+        if tok is not None:
+            log.info("%s: remapped %d distinct %s token(s) to integer ids", path, len(tok), role)
     log.info("%s: loaded %d interactions", path, len(user))
-    return Interactions(user, item, time)
+    return Interactions(user, item, time, user_tokens=user_tokens, item_tokens=item_tokens)
+
+
+def read_user_split(path, inter: Optional[Interactions] = None) -> dict:
+    """A ready-made user split: lines ``user<sep>split`` (sep , or tab or spaces; an optional
+    header; split: train | valid | test) -> {raw user id: split}. With ``inter``, users given
+    as tokens are mapped to its ids (files whose user ids were strings)."""
+    path = _check_path(path)
+    out = {}
+    tok = None
+    if inter is not None and inter.user_tokens is not None:
+        tok = {t: i for i, t in enumerate(inter.user_tokens.tolist())}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            parts = line.replace(",", " ").replace("\t", " ").split()
+            if not parts:
+                continue
+            if len(parts) != 2:
+                raise ValueError(f"{path}: line {n} must be 'user,split', got {line.strip()!r}")
+            u, sp = parts
+            if sp not in ("train", "valid", "test"):
+                if n == 1:
+                    continue                       # a header
+                raise ValueError(f"{path}: line {n}: split must be train, valid or test, got "
+                                 f"{sp!r}")
+            if tok is not None:
+                if u not in tok:
+                    continue                       # a user absent from the data
+                out[tok[u]] = sp
+            else:
+                try:
+                    out[int(u)] = sp
+                except ValueError:
+                    raise ValueError(f"{path}: line {n}: user {u!r} is not an integer id "
+                                     f"(the data's user ids are integers)") from None
+    if not out:
+        raise ValueError(f"{path}: no 'user,split' line")
+    return out
 
 
 def load_recbole(path, *, user_field: str = "user_id", item_field: str = "item_id",

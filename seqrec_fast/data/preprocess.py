@@ -83,7 +83,7 @@ class Dataset:
             arrays["item_category"] = self.item_category
         if self.item_tokens is not None:
             arrays["item_tokens"] = np.asarray(self.item_tokens).astype(str)  # no pickling
-        tmp = os.fspath(path) + ".tmp.npz"
+        tmp = f"{os.fspath(path)}.{os.getpid()}.tmp.npz"    # concurrent writers: own file
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
 
@@ -148,7 +148,7 @@ def _cut(indptr, items, cut_at):
 
 def preprocess(inter: Interactions, *, k_core: int = 5, split: str = "user",
                ratios=(0.8, 0.1, 0.1), eval_history_frac: float = 0.8, seed: int = 2020,
-               meta: Optional[dict] = None) -> Dataset:
+               meta: Optional[dict] = None, user_split: Optional[dict] = None) -> Dataset:
     """Raw interactions -> :class:`Dataset` (see module doc for the conventions).
 
     Handling of bad data, all counted in the log: interactions are ordered by timestamp within
@@ -158,6 +158,10 @@ def preprocess(inter: Interactions, *, k_core: int = 5, split: str = "user",
 
     When ``inter.item_tokens`` is set (string item tokens), the result's ``item_tokens[i]`` is
     the token of final item id i; popularity ties are then broken by token order.
+
+    user_split: a ready-made user split instead of the seeded ``ratios`` draw (``split="user"``
+    only): raw user id (as in ``inter.user``) -> "train" | "valid" | "test". Users of the data
+    that it does not list are dropped (counted in the log).
     """
     if not isinstance(inter, Interactions):
         raise TypeError(f"inter must be an Interactions, got {type(inter).__name__}")
@@ -171,6 +175,8 @@ def preprocess(inter: Interactions, *, k_core: int = 5, split: str = "user",
         raise ValueError(f"eval_history_frac must lie in (0, 1), got {eval_history_frac}")
     if len(inter) == 0:
         raise ValueError("inter holds no interactions")
+    if user_split is not None and split != "user":
+        raise ValueError(f"user_split needs split='user', got split={split!r}")
     user, item, time, cat = inter.user, inter.item, inter.time, inter.category
     if (item == 0).any() and item.min() >= 0:
         pass  # raw id 0 is an ordinary item here; remapping moves every item off 0
@@ -197,7 +203,24 @@ def preprocess(inter: Interactions, *, k_core: int = 5, split: str = "user",
     rng = np.random.default_rng(seed)
 
     # user split decided first: popularity (the id order) counts training interactions only
-    if split == "user":
+    if split == "user" and user_split is not None:
+        code = {"train": 0, "valid": 1, "test": 2}
+        part = np.full(n_users, -1, dtype=np.int64)
+        for i, u in enumerate(uids.tolist()):
+            v = user_split.get(u)
+            if v is not None:
+                if v not in code:
+                    raise ValueError(f"user_split: user {u} has split {v!r}; expected train, "
+                                     f"valid or test")
+                part[i] = code[v]
+        if (part < 0).any():
+            log.info("user_split does not list %d of the %d user(s) left after filtering: "
+                     "dropped", int((part < 0).sum()), n_users)
+        if not (part == 0).any():
+            raise ValueError("user_split puts no user of the data in 'train'")
+        train_u, valid_u, test_u = (np.flatnonzero(part == c) for c in range(3))
+        train_inter = np.isin(uidx, train_u)
+    elif split == "user":
         perm = rng.permutation(n_users)
         r = np.asarray(ratios, dtype=np.float64) / float(sum(ratios))
         n_tr = int(round(r[0] * n_users))
@@ -253,6 +276,7 @@ def preprocess(inter: Interactions, *, k_core: int = 5, split: str = "user",
         (th, thi), (tt, tti) = _cut(p, it, l2 - 1)
         valid, test = EvalSplit(vh, vhi, vt, vti), EvalSplit(th, thi, tt, tti)
     m = {"k_core": k_core, "split": split, "ratios": list(ratios), "seed": seed,
+         "eval_history_frac": eval_history_frac, "user_split": user_split is not None,
          "n_raw_users": n_users}
     m.update(meta or {})
     item_tokens = None
@@ -266,38 +290,120 @@ def preprocess(inter: Interactions, *, k_core: int = 5, split: str = "user",
 
 
 def cache_key(*parts) -> str:
-    """A short stable hash of JSON-serialisable ``parts`` (file stats, options)."""
+    """A short stable hash of JSON-serialisable ``parts`` (file digests, options)."""
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def load_dataset(source, *, cache_dir: Optional[str] = None, format: str = "auto",
-                 loader_kwargs: Optional[dict] = None, **prep_kwargs) -> Dataset:
-    """A file path -> Dataset, cached as ``<cache_dir>/<name>-<hash>.npz`` (a second call with the
-    same file and options skips loading and preprocessing). ``"synthetic"`` gives the default
-    synthetic dataset. prep_kwargs go to :func:`preprocess`."""
-    from .loaders import load_interactions
-    from .synthetic import synthetic_dataset
+def file_digest(path, chunk: int = 1 << 22) -> str:
+    """blake2b digest of a file's content (the cache key of a data file: a copied, touched or
+    moved file keeps its cache, an edited one gets a new one)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
 
-    if isinstance(source, str) and source == "synthetic":
-        return synthetic_dataset(cache_dir=cache_dir, **prep_kwargs)
+
+def default_cache_dir() -> str:
+    """``$SEQREC_FAST_CACHE``, else ``$XDG_CACHE_HOME/seqrec_fast`` (``~/.cache/seqrec_fast``)."""
+    env = os.environ.get("SEQREC_FAST_CACHE")
+    if env:
+        return env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "seqrec_fast")
+
+
+def load_dataset(source, *, cache_dir: Optional[str] = "auto", format: str = "auto",
+                 loader_kwargs: Optional[dict] = None, synthetic: Optional[dict] = None,
+                 user_split=None, **prep_kwargs) -> Dataset:
+    """A source -> :class:`Dataset`: the one entry point from a log file (or ``"synthetic"``)
+    to preprocessed, cached data.
+
+    source: a path (format from ``format`` / the extension, see ``load_interactions``;
+    ``loader_kwargs`` go to the loader: columns, ``sep``, ``header``) or ``"synthetic"``
+    (``synthetic``: arguments of :func:`~seqrec_fast.data.synthetic.synthetic`).
+    user_split: None, a path of ``user,split`` lines, or a dict raw user id -> "train" /
+    "valid" / "test" (see :func:`preprocess`). prep_kwargs go to :func:`preprocess`
+    (k_core, split, ratios, seed, eval_history_frac).
+
+    cache_dir: ``"auto"`` (the default) caches files under :func:`default_cache_dir`, not the
+    synthetic data (generated in well under a second); a folder caches every source there;
+    None caches nothing. The cache file is ``<name>-<key>.npz``, the key a hash of the file's
+    content (``user_split``'s too) and of every option, so any change gives a new entry and a
+    second call with the same input skips loading and preprocessing."""
+    from .loaders import load_interactions, read_user_split
+    from .synthetic import DEFAULTS, synthetic as generate
+
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be a path or 'synthetic', got {type(source).__name__}")
-    path = os.fspath(source)
-    if not os.path.isfile(path):
-        raise ValueError(f"source {path!r} does not exist (or use source='synthetic')")
+    is_synth = isinstance(source, str) and source == "synthetic"
+    if is_synth:   # generator arguments given as keywords (as synthetic_dataset takes them)
+        moved = {k: prep_kwargs.pop(k) for k in list(prep_kwargs) if k in DEFAULTS and k != "seed"}
+        synthetic = {**(synthetic or {}), **moved}
+    if synthetic and not is_synth:
+        raise ValueError("synthetic arguments are given but source is not 'synthetic'")
+    if cache_dir == "auto":
+        cache_dir = None if is_synth else default_cache_dir()
+    split_key = None
+    if isinstance(user_split, (str, os.PathLike)):
+        us = os.fspath(user_split)
+        if not os.path.isfile(us):
+            raise ValueError(f"user_split {us!r} does not exist")
+        split_key = file_digest(us)
+    elif user_split is not None:
+        if not isinstance(user_split, dict):
+            raise TypeError(f"user_split must be a path or a dict, got "
+                            f"{type(user_split).__name__}")
+        split_key = sorted((str(k), v) for k, v in user_split.items())
+    if is_synth:
+        args = dict(DEFAULTS)
+        unknown = set(synthetic or {}) - set(args)
+        if unknown:
+            raise TypeError(f"unknown synthetic argument(s) {sorted(unknown)}; known: "
+                            f"{sorted(args)}")
+        args.update(synthetic or {})
+        name, key_parts = "synthetic", (args,)
+    else:
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise ValueError(f"source {path!r} does not exist (or use source='synthetic')")
+        name = os.path.basename(path)
+        key_parts = (file_digest(path), format, loader_kwargs) if cache_dir else ()
     cache = None
     if cache_dir is not None:
-        st = os.stat(path)
-        key = cache_key(os.path.abspath(path), st.st_size, st.st_mtime_ns, format,
-                        loader_kwargs, prep_kwargs)
-        cache = os.path.join(cache_dir, f"{os.path.basename(path)}-{key}.npz")
+        key = cache_key(*key_parts, split_key, sorted(prep_kwargs.items()), _CACHE_VERSION)
+        cache = os.path.join(os.fspath(cache_dir), f"{name}-{key}.npz")
         if os.path.exists(cache):
             log.info("loading the cached dataset %s", cache)
             return Dataset.load(cache)
-    ds = preprocess(load_interactions(path, format, **(loader_kwargs or {})),
-                    meta={"source": path}, **prep_kwargs)
+    if is_synth:
+        gen = dict(args)
+        inter = generate(gen.pop("n_users"), gen.pop("n_items"), gen.pop("n_interests"), **gen)
+        meta = {"source": "synthetic", "synthetic": args}
+    else:
+        inter = load_interactions(path, format, **(loader_kwargs or {}))
+        meta = {"source": os.path.abspath(path)}
+    if isinstance(user_split, (str, os.PathLike)):
+        user_split = read_user_split(user_split, inter)
+    ds = preprocess(inter, meta=meta, user_split=user_split, **prep_kwargs)
     if cache is not None:
         os.makedirs(cache_dir, exist_ok=True)
         ds.save(cache)
         log.info("cached the dataset to %s", cache)
     return ds
+
+
+_CACHE_VERSION = 2
+
+
+def synthetic_dataset(*, cache_dir: Optional[str] = None, **kwargs) -> Dataset:
+    """``load_dataset("synthetic", synthetic=<generator arguments>, ...)``: keyword arguments
+    of :func:`~seqrec_fast.data.synthetic.synthetic` go to the generator, the others
+    (k_core, split, seed, ...) to :func:`load_dataset`."""
+    from .synthetic import DEFAULTS
+
+    # ``seed`` is the split seed (as in preprocess); the generator's is synthetic={"seed": ...}
+    gen = {k: kwargs.pop(k) for k in list(kwargs) if k in DEFAULTS and k != "seed"}
+    return load_dataset("synthetic", cache_dir=cache_dir, synthetic=gen, **kwargs)

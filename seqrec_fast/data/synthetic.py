@@ -18,12 +18,13 @@ vector cannot point at three arbitrary clusters without pulling in items of othe
 vector per interest can: multi-interest models beat single-interest ones by a wide margin there
 (tests/test_train.py). Sized from this CPU demo up to millions of items (the GPU catalog
 benchmark).
+
+This module only generates interactions; ``load_dataset("synthetic", synthetic={...})``
+preprocesses and caches them like any other source.
 """
 from __future__ import annotations
 
 import logging
-import os
-from typing import Optional
 
 import numpy as np
 
@@ -127,31 +128,3 @@ def synthetic(n_users: int = DEFAULTS["n_users"], n_items: int = DEFAULTS["n_ite
     time = (np.arange(n) - np.repeat(first, lens)).astype(np.float64)
     return Interactions(uid.astype(np.int64), item.astype(np.int64) + 1, time,
                         cluster[item].astype(np.int64))
-
-
-def synthetic_dataset(*, cache_dir: Optional[str] = None, k_core: int = 5, split: str = "user",
-                      seed: int = 2020, **gen_kwargs):
-    """``synthetic(**gen_kwargs)`` preprocessed (see ``preprocess``), cached in ``cache_dir``."""
-    from .preprocess import Dataset, cache_key, preprocess
-
-    args = dict(DEFAULTS)
-    unknown = set(gen_kwargs) - set(args)
-    if unknown:
-        raise TypeError(f"unknown synthetic argument(s) {sorted(unknown)}; known: {sorted(args)}")
-    args.update(gen_kwargs)
-    cache = None
-    if cache_dir is not None:
-        cache = os.path.join(cache_dir, f"synthetic-{cache_key(args, k_core, split, seed)}.npz")
-        if os.path.exists(cache):
-            log.info("loading the cached dataset %s", cache)
-            return Dataset.load(cache)
-    n_users, n_items, n_int = args.pop("n_users"), args.pop("n_items"), args.pop("n_interests")
-    inter = synthetic(n_users, n_items, n_int, **args)
-    ds = preprocess(inter, k_core=k_core, split=split, seed=seed,
-                    meta={"source": "synthetic", "synthetic": dict(args, n_users=n_users,
-                                                                   n_items=n_items,
-                                                                   n_interests=n_int)})
-    if cache is not None:
-        os.makedirs(cache_dir, exist_ok=True)
-        ds.save(cache)
-    return ds
