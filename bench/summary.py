@@ -21,7 +21,12 @@ def main(argv=None):
     rows = []
     for path in sorted(glob.glob(os.path.join(folder, "*.csv"))):
         with open(path, newline="") as f:
-            rows += list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            # only the benchmarks' long-format files (the suite's steps.csv and gpu_check.csv
+            # live in the same folder with other columns)
+            if not {"op", "provider", "mode", "shape", "ms"} <= set(reader.fieldnames or ()):
+                continue
+            rows += list(reader)
     if not rows:
         print(f"no benchmark rows in {folder}")
         return 1
