@@ -5,9 +5,11 @@ i.e. matplotlib and scikit-learn).
   popular items, coloured by planted cluster / category (the largest categories get their own colour,
   the rest are grey). On the synthetic data, a model that learned the planted interests shows
   one tight blob per cluster.
-* ``curves.png``: validation Recall/NDCG/HitRate@N and the training loss against the step, from
-  ``metrics.jsonl`` (several runs overlaid when several run folders are given); the test result
-  of each run is drawn as a star at its last step.
+* ``curves.png``: validation Recall/NDCG/HitRate@N and the training loss (the "train" records,
+  logged every ``log_every`` steps) against the step, from ``metrics.jsonl`` (several runs
+  overlaid when several run folders are given); the test result of each run is drawn as a star
+  at the step of the checkpoint that was tested (the best validation). The legend sits below
+  the panels, clear of the curves.
 """
 from __future__ import annotations
 
@@ -63,15 +65,11 @@ def item_categories(run_dir: str) -> Optional[np.ndarray]:
     cfg_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(cfg_path):
         return None
-    import dataclasses
-
-    from .train import TrainConfig, _dataset
+    from .train import config_from_dict, run_dataset
 
     with open(cfg_path) as f:
         raw = json.load(f)
-    fields = {fl.name for fl in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in raw.items() if k in fields})
-    return _dataset(cfg).item_category
+    return run_dataset(config_from_dict(raw, where=cfg_path)).item_category
 
 
 def _run_data(run_dir: str) -> Optional[str]:
@@ -127,37 +125,92 @@ def plot_tsne(item_emb: np.ndarray, categories: Optional[np.ndarray], out_png: s
     return out_png
 
 
-def plot_curves(runs: Sequence[tuple], out_png: str, *, ks: Sequence[int] = (20, 50)) -> str:
-    """Training curves of one or more runs. runs: [(label, records from read_metrics)].
-    Panels: validation recall@k, ndcg@k, hitrate@k for the largest k, and the training loss
-    (smoothed, as logged at each validation). Returns ``out_png``."""
+def loss_curve(records: Sequence[dict]):
+    """-> (steps, losses) of the training loss: the "train" records (mean loss over each
+    ``log_every`` window), or, for runs logged before those existed, the smoothed loss of the
+    validation records."""
+    pts = [(r["step"], r["loss"]) for r in records
+           if r.get("split") == "train" and r.get("loss") is not None]
+    if not pts:
+        pts = [(r["step"], r["loss"]) for r in records
+               if r.get("split") == "valid" and r.get("loss") is not None]
+    return tuple(zip(*pts)) if pts else ((), ())
+
+
+def tested_point(records: Sequence[dict], key: str):
+    """-> (step, value) of the last test record's ``key`` at the step of the checkpoint that
+    was tested (``checkpoint_step``; for older logs the best validation step by ``key``'s
+    recall), or None."""
+    tests = [r for r in records if r.get("split") == "test" and key in r]
+    if not tests:
+        return None
+    t = tests[-1]
+    step = t.get("checkpoint_step")
+    if step is None:
+        valid = [r for r in records if r.get("split") == "valid" and r["step"] <= t["step"]]
+        k = key.split("@")[-1]
+        metric = f"recall@{k}"
+        best = max(valid, key=lambda r: r.get(metric, -1.0), default=None)
+        step = best["step"] if best is not None else t["step"]
+    return step, t[key]
+
+
+def curves_figure(runs: Sequence[tuple], *, ks: Sequence[int] = (20, 50)):
+    """The matplotlib figure of :func:`plot_curves`."""
     plt, _ = _require()
     if not runs:
         raise ValueError("runs is empty: nothing to plot")
     k = max(ks)
     panels = [f"recall@{k}", f"ndcg@{k}", f"hitrate@{k}", "loss"]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), dpi=110)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.2), dpi=110)
     cmap = plt.get_cmap("tab10")
+    handles = []
     for j, (label, recs) in enumerate(runs):
         valid = [r for r in recs if r.get("split") == "valid"]
-        test = [r for r in recs if r.get("split") == "test"]
         color = cmap(j % 10)
         for ax, key in zip(axes, panels):
-            pts = [(r["step"], r[key]) for r in valid if key in r and r[key] is not None]
+            if key == "loss":
+                s, v = loss_curve(recs)
+                if s:
+                    ax.plot(s, v, "-", lw=1.2, color=color)
+                continue
+            pts = [(r["step"], r[key]) for r in valid if r.get(key) is not None]
             if pts:
                 s, v = zip(*pts)
-                ax.plot(s, v, "-o", ms=3, color=color, label=label)
-            if test and key in test[-1]:
-                ax.plot([test[-1]["step"]], [test[-1][key]], "*", ms=11, color=color)
+                line, = ax.plot(s, v, "-o", ms=3, color=color, label=label)
+                if ax is axes[0]:
+                    handles.append(line)
+            tp = tested_point(recs, key)
+            if tp is not None:
+                ax.plot([tp[0]], [tp[1]], "*", ms=11, color=color)
     for ax, key in zip(axes, panels):
-        ax.set_title(key if key == "loss" else f"valid {key} (★ test)")
+        ax.set_title("training loss" if key == "loss" else f"valid {key} (★ test)")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    if handles:      # below the panels: never over a curve
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8,
+                   frameon=False, bbox_to_anchor=(0.5, 0.0))
+    return fig
+
+
+def plot_curves(runs: Sequence[tuple], out_png: str, *, ks: Sequence[int] = (20, 50)) -> str:
+    """Training curves of one or more runs. runs: [(label, records from read_metrics)].
+    Panels: validation recall@k, ndcg@k, hitrate@k for the largest k (★: the test result at
+    the tested checkpoint's step), and the training loss. Returns ``out_png``."""
+    plt, _ = _require()
+    fig = curves_figure(runs, ks=ks)
     fig.savefig(out_png)
     plt.close(fig)
     return out_png
+
+
+def tsne_title(label: str, categories: Optional[np.ndarray], kind: str) -> str:
+    """The t-SNE picture's title: "by <kind>" only when there are categories to colour by."""
+    if categories is None or not (np.asarray(categories) >= 0).any():
+        return f"{label}: t-SNE of item embeddings (no categories in the data)"
+    what = "planted cluster" if kind == "cluster" else kind
+    return f"{label}: t-SNE of item embeddings by {what}"
 
 
 def plot_runs(run_dirs: Sequence[str], out_dir: Optional[str] = None, *, tsne: bool = True,
@@ -187,11 +240,10 @@ def plot_runs(run_dirs: Sequence[str], out_dir: Optional[str] = None, *, tsne: b
             label = os.path.basename(os.path.normpath(d))
             name = "tsne.png" if len(run_dirs) == 1 else f"tsne-{label}.png"
             kind = "cluster" if _run_data(d) == "synthetic" else "category"
-            written.append(plot_tsne(np.load(emb), item_categories(d),
-                                     os.path.join(out_dir, name), n_points=n_points,
-                                     max_categories=max_categories, seed=seed, label=kind,
-                                     title=f"{label}: t-SNE of item embeddings by "
-                                           f"{'planted cluster' if kind == 'cluster' else kind}"))
+            cats = item_categories(d)
+            written.append(plot_tsne(np.load(emb), cats, os.path.join(out_dir, name),
+                                     n_points=n_points, max_categories=max_categories,
+                                     seed=seed, label=kind, title=tsne_title(label, cats, kind)))
     for p in written:
         log.info("wrote %s", p)
     return written

@@ -74,3 +74,31 @@ def test_plot_without_the_extra_names_it(run_dir, monkeypatch, capsys):
     assert main(["plot", str(run_dir)]) == 2
     err = capsys.readouterr().err
     assert "seqrec_fast[plot]" in err and "matplotlib" in err and "scikit-learn" in err
+
+
+def test_curves_star_at_the_tested_checkpoint_and_loss_from_train_records():
+    from seqrec_fast.plot import curves_figure, loss_curve, tested_point, tsne_title
+
+    recs = [{"step": s, "split": "train", "loss": 5.0 - s / 10} for s in range(5, 31, 5)]
+    recs += [{"step": 10, "split": "valid", "loss": 4.0, "recall@50": 0.3, "ndcg@50": 0.2,
+              "hitrate@50": 0.5},
+             {"step": 20, "split": "valid", "loss": 3.0, "recall@50": 0.2, "ndcg@50": 0.1,
+              "hitrate@50": 0.4},
+             {"step": 20, "split": "test", "checkpoint_step": 10, "recall@50": 0.25,
+              "ndcg@50": 0.15, "hitrate@50": 0.45}]
+    assert tested_point(recs, "recall@50") == (10, 0.25)          # not the last step (20)
+    old = [r for r in recs if r["split"] != "train"]
+    old[-1] = {k: v for k, v in old[-1].items() if k != "checkpoint_step"}
+    assert tested_point(old, "ndcg@50") == (10, 0.15)             # best valid recall@50
+    assert loss_curve(recs) == ((5, 10, 15, 20, 25, 30), (4.5, 4.0, 3.5, 3.0, 2.5, 2.0))
+    assert loss_curve(old) == ((10, 20), (4.0, 3.0))
+    fig = curves_figure([("a", recs), ("b", old)])
+    fig.canvas.draw()
+    assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
+    box = fig.legends[0].get_window_extent()
+    assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)
+    star = [ln for ln in fig.axes[0].lines if ln.get_marker() == "*"][0]
+    assert list(star.get_xdata()) == [10]
+    assert "by" not in tsne_title("run", None, "category")
+    assert "by category" in tsne_title("run", np.array([-1, 3, 4]), "category")
+    assert "no categories" in tsne_title("run", np.array([-1, -1]), "category")

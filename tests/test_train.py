@@ -1,8 +1,10 @@
 """Training / CLI end to end on CPU, checkpoint resume, and the planted-interest quality check."""
 import json
+import logging
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,6 +105,164 @@ def test_interrupt_saves_the_last_completed_step(tmp_path):
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
     assert a["test"] == b["test"]
+
+
+def _same_params(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def _records(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("model, where, seed", [("mind", "forward", 0), ("comirec-dr", "sample", 1),
+                                               ("mind", "validate", 2), ("gru4rec", "forward", 3)])
+def test_interrupt_anywhere_then_resume_is_bitwise_uninterrupted(tmp_path, monkeypatch, model,
+                                                                 where, seed):
+    """Ctrl-C at a random step, inside the step (after its batch and MIND's routing logits were
+    drawn) or inside a validation; --resume then gives every parameter bitwise equal to the
+    uninterrupted run, and the same metrics.jsonl."""
+    import random
+
+    from seqrec_fast.data import TrainSampler
+    from seqrec_fast.models.base import SeqRecModel
+    from seqrec_fast import train as train_mod
+
+    base = dict(model=model, synthetic=SMALL, dim=16, batch_size=32, eval_every=5, log_every=3,
+                progress=False, export=False, seed=seed, steps=17)
+    a = train(TrainConfig(out_dir=str(tmp_path / "a"), **base))
+    at = random.Random(seed).randint(2, 16)
+    calls = {"n": 0}
+    if where == "validate":
+        at = 10
+        real_eval = train_mod._eval
+
+        def hook(*args, **kw):
+            calls["n"] += 1
+            if calls["n"] == 2:         # the validation of step 10
+                raise KeyboardInterrupt
+            return real_eval(*args, **kw)
+
+        monkeypatch.setattr(train_mod, "_eval", hook)
+    else:
+        cls, name = (TrainSampler, "sample") if where == "sample" else (SeqRecModel, "forward")
+        real = getattr(cls, name)
+
+        def hook(self, *args, **kw):
+            out = real(self, *args, **kw)   # the draws of this step happened
+            calls["n"] += 1
+            if calls["n"] == at:
+                raise KeyboardInterrupt
+            return out
+
+        monkeypatch.setattr(cls, name, hook)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out_dir=str(tmp_path / "b"), **base))
+    monkeypatch.undo()
+    ck = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    assert ck["step"] == at - 1 if where != "validate" else ck["step"] == 10
+    b = train(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **base))
+    assert b["step"] == 17
+    _same_params(a["model"], b["model"])
+    assert a["test"] == b["test"]
+    assert _records(tmp_path / "a") == _records(tmp_path / "b")
+
+
+def test_resume_takes_the_checkpoint_config(tmp_path, capsys, caplog):
+    """--resume builds the checkpoint's model on its data; steps / lr may change (and say so);
+    a conflicting model or data is a one-line error."""
+    out = tmp_path / "yt"
+    base = ["--synthetic", json.dumps(SMALL), "--dim", "16", "--batch-size", "32",
+            "--eval-every", "10", "--no-progress", "--no-export"]
+    assert main(["train", "--model", "youtubednn", "--steps", "10", "--out-dir", str(out)]
+                + base) == 0
+    capsys.readouterr()
+    caplog.set_level(logging.INFO)
+    assert main(["train", "--out-dir", str(out), "--resume", "--steps", "20", "--lr", "0.1",
+                 "--no-progress"]) == 0
+    assert "| youtubednn |" in capsys.readouterr().out
+    assert "lr 0.001 -> 0.1" in caplog.text and "steps 10 -> 20" in caplog.text
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert ck["step"] == 20 and ck["config"]["model"] == "youtubednn"
+    assert all(g["lr"] == 0.1 for o in ck["optimizers"] for g in o["param_groups"])
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.1
+    assert ck["config"]["synthetic"] == SMALL and ck["config"]["dim"] == 16
+    for flags, what in ((["--model", "mind"], "model"), (["--dim", "32"], "dim"),
+                        (["--split", "leave_last_out"], "split")):
+        assert main(["train", "--out-dir", str(out), "--resume", "--steps", "30"] + flags) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--{what}=" in err and "checkpoint has" in err, err
+    with pytest.raises(ValueError, match="model='mind'"):
+        train(out_dir=str(out), resume=True, model="mind")
+
+
+def test_out_dir_reuse_and_finished_resume(tmp_path, capsys):
+    """A second run into the same out-dir starts metrics.jsonl afresh; resuming a finished run
+    trains nothing, prints no nan and adds no duplicate test record."""
+    out = tmp_path / "r"
+    args = ["train", "--model", "gru4rec", "--synthetic", json.dumps(SMALL), "--dim", "16",
+            "--steps", "20", "--eval-every", "10", "--batch-size", "32", "--out-dir", str(out),
+            "--no-progress", "--no-export"]
+    assert main(args) == 0
+    first = _records(out)
+    assert main(args) == 0
+    assert _records(out) == first                         # not appended to
+    capsys.readouterr()
+    assert main(["train", "--out-dir", str(out), "--resume", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "nan" not in text and "nothing left to train" in text and "| gru4rec |" in text
+    assert _records(out) == first
+    assert [r["split"] for r in first] == ["valid", "valid", "test"]
+    assert first[-1]["checkpoint_step"] in (10, 20)
+
+
+def test_evaluate_from_another_directory(tmp_path, monkeypatch, capsys):
+    """The checkpoint finds a data file given as a relative path from any working directory;
+    `evaluate` prints the most-popular row too."""
+    rng = np.random.default_rng(0)
+    rows = "".join(f"{u},{int(i)},{t}\n" for u in range(150)
+                   for t, i in enumerate(rng.integers(1, 60, size=15)))
+    data = tmp_path / "proj" / "data"
+    data.mkdir(parents=True)
+    (data / "x.csv").write_text("user_id,item_id,timestamp\n" + rows)
+    monkeypatch.chdir(tmp_path / "proj")
+    assert main(["train", "--model", "youtubednn", "--data", "data/x.csv", "--dim", "16",
+                 "--steps", "10", "--eval-every", "10", "--batch-size", "32", "--out-dir",
+                 "runs/x", "--no-progress", "--no-export", "--cache-dir", "none"]) == 0
+    recs = _records(tmp_path / "proj" / "runs" / "x")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["evaluate", "proj/runs/x/best.pt"]) == 0
+    text = capsys.readouterr().out
+    assert "| most-popular |" in text and f"{recs[-1]['recall@50']:.4f}" in text
+
+
+def test_mind_export_reproduces_the_reported_metrics(tmp_path):
+    """The exported user embeddings (MIND: random routing logits) are those the test metrics
+    were computed from: retrieving with them gives the logged test metrics."""
+    from seqrec_fast.data import eval_batches
+    from seqrec_fast.metrics import aggregate, per_user_metrics
+    from seqrec_fast.retrieval import Retriever
+    from seqrec_fast.train import run_dataset
+
+    r = train(TrainConfig(model="mind", synthetic=SMALL, dim=16, batch_size=32, steps=20,
+                          eval_every=10, out_dir=str(tmp_path / "m"), progress=False))
+    ds = run_dataset(r["config"])
+    users = torch.from_numpy(np.load(tmp_path / "m" / "user_emb_test.npy"))
+    items = torch.from_numpy(np.load(tmp_path / "m" / "item_emb.npy"))
+    ret = Retriever(items, "torch")
+    parts, at = [], 0
+    for _, _, ptr, tgt in eval_batches(ds.test, max_len=20, batch_size=512):
+        n = ptr.shape[0] - 1
+        recs, _ = ret.recommend(users[at:at + n], 50)
+        parts.append(per_user_metrics(recs, ptr, tgt, (20, 50)))
+        at += n
+    m = aggregate(parts)
+    for k in ("recall@20", "recall@50", "ndcg@50"):
+        assert m[k] == pytest.approx(r["test"][k], abs=1e-9), k
 
 
 def test_bad_config_and_resume_errors(tmp_path):
