@@ -58,3 +58,40 @@ def fused_backends(op: str, device: str = "cpu"):
         elif name == "cpp" and device == "cpu" and os.environ.get("SEQREC_FAST_REQUIRE_EXT") == "1":
             out.append(name)  # let it fail loudly instead of silently skipping
     return out
+
+
+def need_cpp(backends):
+    """Skip unless ``cpp`` is among ``backends`` (``fused_backends(op)``); fail instead when the
+    extension is required (SEQREC_FAST_REQUIRE_EXT=1)."""
+    import os
+
+    import pytest
+
+    if "cpp" not in backends:
+        if os.environ.get("SEQREC_FAST_REQUIRE_EXT") == "1":
+            pytest.fail("the C++ extension is not built")
+        pytest.skip("C++ extension not built")
+
+
+def grads_of(fn, tensors, gout):
+    """Run fn on fresh leaf copies of ``tensors`` (None passes through) -> (out, *grads)."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    out_t = out[0] if isinstance(out, tuple) else out
+    want = [x for x in leaves if x is not None]
+    gs = torch.autograd.grad(out_t, want, gout if out_t.dim() else None, allow_unused=True)
+    return (out_t.detach(),) + tuple(gs)
+
+
+def compare_three(fn_ours, fn_ref, tensors, gout, dtype, label):
+    """Output and gradients of ``fn_ours`` in ``dtype`` against ``fn_ref`` in ``dtype`` and in
+    float64 (the 2x-eager rule, ``assert_within_2x_eager``)."""
+    cast = [None if t is None else t.to(dtype) for t in tensors]
+    got = grads_of(fn_ours, cast, None if gout is None else gout.to(dtype))
+    same = grads_of(fn_ref, cast, None if gout is None else gout.to(dtype))
+    truth = grads_of(fn_ref, [None if t is None else t.double() for t in tensors],
+                     None if gout is None else gout.double())
+    names = ["loss"] + [f"grad{i}" for i in range(len(got) - 1)]
+    for name, a, e, t in zip(names, got, same, truth):
+        assert a.dtype == dtype, f"{label} {name}: dtype {a.dtype}"
+        assert_within_2x_eager(a, e, t, name=f"{label} {name}")

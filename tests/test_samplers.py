@@ -8,7 +8,7 @@ import torch
 
 from seqrec_fast.ops.samplers import (LogUniformSampler, PopularitySampler, SampleCache,
                                       UniformSampler)
-from seqrec_fast.ops.softmax import sampled_softmax_loss
+from seqrec_fast.ops.sampled_softmax import sampled_softmax_loss
 
 N = 40
 COUNTS = torch.tensor([float((i * 7919) % 53 + (0 if i % 9 == 4 else 1)) for i in range(N)])

@@ -1,33 +1,29 @@
-"""Catalog (item-table) parallelism for the softmax losses.
+"""Catalog (item-table) parallelism: the distributed primitives the sharded losses and the
+models build on.
 
 The catalog of N items is split by rows into contiguous shards in rank order: rank r of a
 process group of size W holds items ``[offset_r, offset_r + n_r)`` with
 ``offset_r = n_0 + ... + n_{r-1}`` (:func:`shard_rows` gives the default even split; any sizes
 work, each rank passes its own ``items`` shard and the sizes are exchanged). The user vectors,
 the targets and the negatives are REPLICATED: identical on every rank of the group (all-gather
-them first when each rank holds its own users). The loss is replicated too, and the gradients
-are those of the single-process op: ``user`` gets its full gradient on every rank, ``items`` /
-``bias`` the rows of the rank's own shard. No rank ever holds the whole catalog or a (B, N)
-logits tensor.
+them first when each rank holds its own users, :func:`gather_batch`). The losses over a sharded
+catalog live with their ops and import this module (never the reverse):
+``linear_cross_entropy_sharded`` in ``seqrec_fast.ops.linear_cross_entropy`` and
+``sampled_softmax_sharded`` in ``seqrec_fast.ops.sampled_softmax``. Their loss is replicated
+too, and the gradients are those of the single-process op: ``user`` gets its full gradient on
+every rank, ``items`` / ``bias`` the rows of the rank's own shard. No rank ever holds the whole
+catalog or a (B, N) logits tensor.
 
-* ``linear_cross_entropy`` (vocabulary-parallel cross-entropy, as Megatron-LM does for
-  vocabularies): each rank computes the log-sum-exp of its shard with the fused kernel and
-  the target logit when it owns the target; one all-gather of these (W, 2, B) values combines
-  them (label smoothing adds one more of (W, 2, B)). Backward: the fused kernel's gradient of
-  the shard evaluated with the global log-sum-exp (exactly the single-process gradient's
-  rows); the user gradient is all-reduced (B·d values). The kernel sees the shard plus one
-  zero row (a copy of the shard per call) that stands for "target on another rank".
-* ``sampled_softmax_loss``: the candidates (targets and negatives, at most B + S distinct ids)
-  are what a step touches, so each rank contributes the candidate rows it owns and one
-  all-reduce of that (U, d) table (U distinct candidate ids) gives every rank the same
-  candidate table; the single-process fused op then runs on it unchanged (duplicates,
-  accidental hits, in-batch negatives and logQ exactly as without a group) and the backward
-  needs no communication.
+Here: :func:`all_gather_list`, :func:`shard_rows`, :func:`check_group`,
+:func:`exchange_shard_offset` (shard offsets plus a check that the replicated inputs agree),
+the autograd-aware collectives of the replicated setting (:func:`copy_to_shards`,
+:func:`gather_replicated`, :func:`sum_replicated`), :func:`gather_batch` and
+:func:`sharded_embedding` (embedding lookup from a table split by rows, data-parallel ids).
 
 Collectives (torch.distributed, any backend: gloo on CPU, nccl on GPU) are wrapped in autograd
-functions for this replicated setting. Each call also exchanges a few scalars per rank (batch
-size, dim, shard size, a checksum of the replicated inputs): that is how a shard's offset is
-found and how inputs that are not identical across ranks get a ValueError instead of a wrong
+functions for this replicated setting. Each loss call also exchanges a few scalars per rank
+(batch size, dim, shard size, a checksum of the replicated inputs): that is how a shard's offset
+is found and how inputs that are not identical across ranks get a ValueError instead of a wrong
 loss. Not traceable by ``torch.compile``.
 """
 from __future__ import annotations
@@ -139,6 +135,21 @@ class _SumReplicated(torch.autograd.Function):
         return grad, None
 
 
+def copy_to_shards(x: Tensor, group) -> Tensor:
+    """Identity whose backward all-reduces (sums) the gradient over ``group``."""
+    return _CopyToShards.apply(x, group)
+
+
+def gather_replicated(x: Tensor, group, rank: int, world: int) -> Tensor:
+    """(P...) per rank -> (W, P...) on every rank, for a replicated consumer."""
+    return _GatherReplicated.apply(x, group, rank, world)
+
+
+def sum_replicated(x: Tensor, group) -> Tensor:
+    """All-reduce sum for a replicated consumer (backward: the identity)."""
+    return _SumReplicated.apply(x, group)
+
+
 # ----------------------------------------------------------------------------------------------
 # shard bookkeeping and input agreement
 # ----------------------------------------------------------------------------------------------
@@ -152,9 +163,11 @@ def _checksum(t: Optional[Tensor]) -> float:
     return float(t.detach().double().nan_to_num(nan=7.25, posinf=3.5, neginf=-3.5).sum())
 
 
-def _exchange(group, rank, world, device, n_local: int, user: Tensor, *replicated) -> tuple:
-    """All-gather (B, d, n_r, checksums...) -> (offset, N); ValueError when the replicated
-    inputs differ between ranks."""
+def exchange_shard_offset(group, rank, world, device, n_local: int, user: Tensor,
+                          *replicated) -> tuple:
+    """All-gather (B, d, n_r, checksums of ``user`` and ``replicated``...) -> (offset of this
+    rank's shard, N the catalog size); ValueError when the replicated inputs (``user``, then
+    target, negatives, log_q, target_log_q in that order) differ between ranks."""
     dist = _dist()
     vals = [float(user.shape[0]), float(user.shape[1]), float(n_local), _checksum(user)]
     vals += [_checksum(t) for t in replicated]
@@ -176,157 +189,8 @@ def _exchange(group, rank, world, device, n_local: int, user: Tensor, *replicate
 
 
 # ----------------------------------------------------------------------------------------------
-# full-catalog cross-entropy over a sharded catalog
+# data-parallel rows into a replicated computation
 # ----------------------------------------------------------------------------------------------
-_DUMMY_BIAS = -3.0e4   # exp(-3e4 / T - lse) is exactly 0 in every float type we take
-
-
-class _ShardCE(torch.autograd.Function):
-    """Cross-entropy rows lse - z_target (B,) over a sharded catalog with the fused kernels.
-
-    The shard gets one extra all-zero row with bias -3e4: rows whose target lives on another
-    rank point at it (its softmax weight is exactly 0, its gradient is dropped). Forward: the
-    kernel's shard log-sum-exp lse_r, the owned target logits, one all-gather of both. Backward:
-    the kernel's column gradients evaluated with the GLOBAL lse, i.e. g·(softmax_j - onehot_j)
-    of the whole catalog restricted to the shard — exact, no correction term; the user gradient
-    of this shard (all-reduced by the caller's _CopyToShards) is g/T·(Σ_j softmax_j·w_j - w_t),
-    recomputed by the kernel (cpp) or from the forward's Σ_j softmax_r,j·w_j (triton)."""
-
-    @staticmethod
-    def forward(ctx, user, items, bias, target, offset, temperature, backend, group, rank, world,
-                need_user_grad):
-        from .softmax import _lce_fwd_op
-
-        n, d = items.shape
-        acc = _acc(user.dtype)
-        owned = (target >= offset) & (target < offset + n)
-        t_aug = torch.where(owned, target - offset, torch.full_like(target, n))
-        items_aug = torch.cat([items, items.new_zeros((1, d))])
-        b = bias if bias is not None else items.new_zeros((n,))
-        bias_aug = torch.cat([b, b.new_full((1,), _DUMMY_BIAS)])
-        _, lse_r, udir = _lce_fwd_op(user, items_aug, t_aug, bias_aug, temperature, -100, 0.0,
-                                     need_user_grad, backend)
-        loc = t_aug.clamp(max=n - 1)
-        z = (user.to(acc) * items[loc].to(acc)).sum(-1) + b[loc].to(acc)
-        z_loc = torch.where(owned, z / temperature, torch.zeros_like(z))
-        G = torch.stack(all_gather_list(torch.stack([lse_r.to(acc), z_loc]), group, world))
-        lse = torch.logsumexp(G[:, 0], dim=0)
-        ctx.save_for_backward(user, items_aug, t_aug, bias_aug, lse, lse_r.to(acc), udir, owned)
-        ctx.args = (temperature, backend, bias is not None, n)
-        ctx.mark_non_differentiable(lse)
-        return lse - G[:, 1].sum(0), lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g, _g_lse):
-        from .softmax import _lce_bwd_op
-
-        user, items_aug, t_aug, bias_aug, lse, lse_r, udir, owned = ctx.saved_tensors
-        temperature, backend, has_bias, n = ctx.args
-        nu, nw, nb = ctx.needs_input_grad[:3]
-        nb = bool(nb and has_bias)
-        if not (nu or nw or nb):
-            return (None,) * 11
-        g = g.to(lse.dtype).contiguous()
-        kernel_user = nu and backend != "triton"
-        du, dw, db = _lce_bwd_op(g, user, items_aug, t_aug, bias_aug, lse, udir, temperature,
-                                 -100, 0.0, kernel_user, nw, nb, backend)
-        if nu and backend == "triton":
-            # udir_r = Σ_j softmax_r,j·w_j with the shard's lse_r: rescale to the global lse
-            wt = torch.where(owned[:, None], items_aug[t_aug].float(),
-                             torch.zeros((), device=user.device))
-            du = ((torch.exp(lse_r - lse)[:, None] * udir - wt)
-                  * (g / temperature)[:, None]).to(user.dtype)
-        return (du if nu else None, dw[:n] if nw else None, db[:n] if nb else None) + \
-            (None,) * 8
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def linear_cross_entropy_sharded(user, items, target, bias, temperature, ignore_index, reduction,
-                                 label_smoothing, return_lse, backend, process_group):
-    """Arguments as ``linear_cross_entropy`` (validated there, except the id range); ``items``
-    (n_r, d) and ``bias`` (n_r,) are this rank's shard."""
-    from . import softmax as S
-
-    group, rank, world = check_group(process_group)
-    device = user.device
-    n_local = items.shape[0]
-    offset, N = _exchange(group, rank, world, device, n_local, user, target)
-    if 0 <= ignore_index < N:
-        raise ValueError(f"ignore_index={ignore_index} is a valid item id in [0, {N}); "
-                         "use a negative value")
-    S._check_range("target", target, N, allowed=ignore_index)
-    be = S._resolve(S.OP_LCE, backend, device, user.dtype)
-    acc = _acc(user.dtype)
-    u = _CopyToShards.apply(user, group)
-    owned = (target >= offset) & (target < offset + n_local)
-    loc = (target - offset).clamp(0, n_local - 1)
-    if be == "eager":
-        logits = u.to(acc) @ items.to(acc).t()
-        if bias is not None:
-            logits = logits + bias.to(acc)
-        lse_r = torch.logsumexp(logits / temperature, dim=1)
-        z = (u.to(acc) * items[loc].to(acc)).sum(-1)
-        if bias is not None:
-            z = z + bias[loc].to(acc)
-        z_loc = torch.where(owned, z / temperature, torch.zeros_like(z))
-        G = _GatherReplicated.apply(torch.stack([lse_r, z_loc]), group, rank, world)
-        lse = torch.logsumexp(G[:, 0], dim=0)
-        rows = lse - G[:, 1].sum(0)
-    else:
-        need_user_grad = torch.is_grad_enabled() and user.requires_grad
-        rows, lse = _ShardCE.apply(u, items, bias, target, offset, temperature, be, group, rank,
-                                   world, need_user_grad)
-    if label_smoothing > 0:
-        # loss = lse - (1-ε)·z_t - ε/N·Σ_j z_j: the ε terms are linear in the logits
-        z = (u.to(acc) * items[loc].to(acc)).sum(-1)
-        tot = u.to(acc) @ items.to(acc).sum(0)
-        if bias is not None:
-            z = z + bias[loc].to(acc)
-            tot = tot + bias.to(acc).sum()
-        z_loc = torch.where(owned, z / temperature, torch.zeros_like(z))
-        G2 = _GatherReplicated.apply(torch.stack([z_loc, tot / temperature]), group, rank, world)
-        rows = rows + label_smoothing * G2[:, 0].sum(0) - (label_smoothing / N) * G2[:, 1].sum(0)
-    valid = target != ignore_index
-    rows = torch.where(valid, rows, torch.zeros_like(rows))
-    count = valid.sum() if reduction == "mean" else None
-    loss = S._reduce(rows, reduction, count, user.dtype)
-    return (loss, lse.detach()) if return_lse else loss
-
-
-# ----------------------------------------------------------------------------------------------
-# sampled softmax over a sharded catalog
-# ----------------------------------------------------------------------------------------------
-def sampled_softmax_sharded(user, items, target, negatives, log_q, target_log_q,
-                            in_batch_negatives, remove_accidental_hits, temperature, reduction,
-                            backend, process_group):
-    """Arguments as ``sampled_softmax_loss`` (validated there, except the id range)."""
-    from . import softmax as S
-
-    group, rank, world = check_group(process_group)
-    device = user.device
-    n_local = items.shape[0]
-    offset, N = _exchange(group, rank, world, device, n_local, user, target, negatives, log_q,
-                          target_log_q)
-    S._check_range("target", target, N)
-    S._check_range("negatives", negatives, N)
-    B = target.shape[0]
-    uniq, inv = torch.unique(torch.cat([target, negatives.reshape(-1)]), return_inverse=True)
-    owned = (uniq >= offset) & (uniq < offset + n_local)
-    loc = (uniq - offset).clamp(0, n_local - 1)
-    mine = torch.where(owned[:, None], items[loc], torch.zeros((), dtype=items.dtype,
-                                                               device=device))
-    table = _SumReplicated.apply(mine, group)                       # (U, d), every rank
-    return S.sampled_softmax_loss(user, table, inv[:B], inv[B:].reshape(negatives.shape),
-                                  log_q=log_q, target_log_q=target_log_q,
-                                  in_batch_negatives=in_batch_negatives,
-                                  remove_accidental_hits=remove_accidental_hits,
-                                  temperature=temperature, reduction=reduction, backend=backend)
-
-
 class _GatherBatch(torch.autograd.Function):
     """Concatenate every rank's (B, ...) rows in rank order. The result feeds a replicated
     computation: backward keeps this rank's rows of the (identical) gradient, times
@@ -448,5 +312,6 @@ def sharded_embedding(ids: Tensor, shard: Tensor, process_group, *, offset: Opti
                                 bool(sparse_grad))
 
 
-__all__ = ["shard_rows", "check_group", "all_gather_list", "linear_cross_entropy_sharded",
-           "sampled_softmax_sharded", "sharded_embedding", "gather_batch"]
+__all__ = ["shard_rows", "check_group", "all_gather_list", "exchange_shard_offset",
+           "copy_to_shards", "gather_replicated", "sum_replicated", "sharded_embedding",
+           "gather_batch"]

@@ -6,6 +6,6 @@ float64; the ``eager`` backend runs them in the input dtype.
 """
 from .attention import attention_ref, label_aware_attention_ref  # noqa: F401
 from .routing import bilinear_ref, routing_iterations_ref, routing_ref, squash  # noqa: F401
-from .softmax import (bpr_max_ref, linear_cross_entropy_ref, sampled_candidates_ref,  # noqa: F401
-                      sampled_softmax_ref)
+from .linear_cross_entropy import linear_cross_entropy_ref  # noqa: F401
+from .sampled_softmax import bpr_max_ref, sampled_candidates_ref, sampled_softmax_ref  # noqa: F401
 from .multi_interest_topk import multi_interest_topk_ref  # noqa: F401

@@ -1,55 +1,26 @@
-"""Eager oracles of the catalog-scale softmax losses.
+"""Eager oracles of the sampled losses: ``sampled_softmax_ref`` (and the candidate logits it is
+built on, ``sampled_candidates_ref``) and GRU4Rec's ``bpr_max_ref``.
 
-These build the logits on purpose: they are the readable definition the fused kernels are
-tested against (in float64), and the ``eager`` backend (in the input dtype).
+They build the (B, candidates) logits on purpose: they are the readable definition the fused
+kernels of ``seqrec_fast.ops.sampled_softmax`` are tested against (in float64), and the
+``eager`` backend (in the input dtype).
 
-Conventions shared with ``seqrec_fast.ops.softmax``:
-
-* Full catalog: ``logits = (user @ items.T + bias) / temperature``; the loss of row b is
-  ``lse_b - (1-ε)·z[b, t_b] - ε/N·Σ_j z[b, j]`` (``torch.nn.functional.cross_entropy`` with
-  ``label_smoothing=ε``). Rows whose target is ``ignore_index`` have loss 0 and no gradient;
-  ``mean`` divides by the number of the other rows (NaN when there are none, as torch).
-* Sampled: the candidates of row b are its positive ``t_b``, the negatives (shared ``(S,)`` or
-  its own ``(B, S)`` row) and, with ``in_batch_negatives``, the other rows' targets ``t_j``.
-  A candidate's logit is ``user_b·item/temperature - logQ(item)`` (the logQ correction is applied
-  to the final logit, Yi et al. 2019 / TF ``subtract_log_q``): negatives use ``log_q`` (same
-  shape as ``negatives``), the positive and the in-batch columns use ``target_log_q[j]`` (the
-  log-probability that item ``t_j`` shows up as somebody's target); absent means 0.
-  With ``remove_accidental_hits`` every candidate other than the positive whose id equals
-  ``t_b`` (a sampled negative, each of its duplicates, or another row with the same target) is
-  REMOVED from row b's partition sum, i.e. its logit is -inf (not replaced by a zero score,
-  which would still add exp(0)). Loss_b = logsumexp(candidates) - positive logit.
+Convention: the candidates of row b are its positive ``t_b``, the negatives (shared ``(S,)`` or
+its own ``(B, S)`` row) and, with ``in_batch_negatives``, the other rows' targets ``t_j``.
+A candidate's logit is ``user_b·item/temperature - logQ(item)`` (the logQ correction is applied
+to the final logit, Yi et al. 2019 / TF ``subtract_log_q``): negatives use ``log_q`` (same
+shape as ``negatives``), the positive and the in-batch columns use ``target_log_q[j]`` (the
+log-probability that item ``t_j`` shows up as somebody's target); absent means 0.
+With ``remove_accidental_hits`` every candidate other than the positive whose id equals
+``t_b`` (a sampled negative, each of its duplicates, or another row with the same target) is
+REMOVED from row b's partition sum, i.e. its logit is -inf (not replaced by a zero score,
+which would still add exp(0)). Loss_b = logsumexp(candidates) - positive logit.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-
-
-def linear_cross_entropy_ref(user: torch.Tensor, items: torch.Tensor, target: torch.Tensor, *,
-                             bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
-                             ignore_index: int = -100, reduction: str = "mean",
-                             label_smoothing: float = 0.0, return_lse: bool = False):
-    """Full-catalog softmax cross-entropy through the (B, N) logits.
-
-    user: (B, d); items: (N, d); target: (B,) int64 in [0, N) or ``ignore_index``;
-    bias: (N,) or None. Returns loss (scalar, or (B,) for ``reduction="none"``) in the input
-    dtype; with ``return_lse`` also lse (B,) (float32, float64 for float64 inputs).
-    """
-    logits = user @ items.transpose(0, 1)
-    if bias is not None:
-        logits = logits + bias
-    if temperature != 1.0:
-        logits = logits / temperature
-    loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction,
-                           label_smoothing=label_smoothing)
-    if not return_lse:
-        return loss
-    acc = torch.float64 if user.dtype == torch.float64 else torch.float32
-    lse = torch.logsumexp(logits.to(acc), dim=-1).detach()
-    return loss, lse
 
 
 def sampled_candidates_ref(user: torch.Tensor, items: torch.Tensor, target: torch.Tensor,

@@ -1,28 +1,33 @@
-"""Triton kernels of the catalog-scale softmax losses (full-catalog CE and sampled softmax).
+"""Triton kernels of the full-catalog softmax cross-entropy (``linear_cross_entropy``), and the
+column-softmax kernels that the sampled softmax (``kernels/sampled_softmax.py``) imports from
+here for its shared columns: they live in this module because the full catalog is their
+general case (the sampled softmax passes gathered column ids, a lower layer never imports it).
 
 No kernel here ever materialises a (batch, columns) logits tensor. A "column" is an item row
 the softmax runs over: the whole catalog (``INDEXED=False``, column j is item j) or a list of
 gathered candidates (``INDEXED=True``, column c is item ``ids[c]``: shared sampled negatives
 and the in-batch targets of the sampled softmax).
 
-Forward, ``_softmax_fwd_kernel``, grid (row blocks, column splits): each program keeps a block
-of user rows on chip and streams its share of the columns in tiles: s = u·wᵀ (+ bias), logits
-z = s/T - logQ, online log-sum-exp in fp32 (base 2), and — when the user gradient is wanted —
-the softmax-weighted item sum acc = Σ_c p_c·w_c, accumulated flash-attention style
-(acc·α + p·W per tile). The user gradient is then a (B, d) epilogue, g/T·(acc - w_target),
-so the backward never recomputes logits for it. Programs of one row block write partial
-(max, sum, acc) per split; ``_combine`` (a few (splits, B[, d]) torch ops) merges them.
+Chain: ``_linear_cross_entropy_fwd_kernel`` / ``_linear_cross_entropy_bwd_kernel`` ->
+launchers ``_linear_cross_entropy_fwd`` / ``_linear_cross_entropy_bwd`` ->
+``seqrec_fast.ops.linear_cross_entropy`` -> ``seqrec_fast.reference.linear_cross_entropy_ref``.
 
-Backward, ``_softmax_bwd_cols_kernel``, grid (column blocks, row splits): each program owns a
-tile of columns, loops over the batch rows recomputing the logits tile from the saved LSE,
-forms dL/ds = g/T·(p - (1-ε)·onehot - ε/N) and accumulates dW_tile = dsᵀ·U in fp32 registers.
-Catalog columns with one row split are written once (no atomics, deterministic, no fp32 (N, d)
-buffer for bf16 inputs). Small catalogs get row splits and candidates may repeat (duplicated
-negatives, in-batch targets) so those accumulate with fp32 atomics into an fp32 buffer.
+Forward, ``_linear_cross_entropy_fwd_kernel``, grid (row blocks, column splits): each program
+keeps a block of user rows on chip and streams its share of the columns in tiles: s = u·wᵀ
+(+ bias), logits z = s/T - logQ, online log-sum-exp in fp32 (base 2), and — when the user
+gradient is wanted — the softmax-weighted item mean Σ_c p_c·w_c, accumulated flash-attention
+style (acc·α + p·W per tile). The user gradient is then a (B, d) epilogue,
+g/T·(softmax_item_mean - w_target), so the backward never recomputes logits for it. Programs of
+one row block write partial (max, sum, acc) per split; ``_combine_partials`` (a few
+(splits, B[, d]) torch ops) merges them.
 
-Per-row negatives (B, S) are a batched gather-dot rather than a GEMM:
-``_rowneg_fwd_kernel`` / ``_rowneg_bwd_kernel`` handle them with 3-D (rows, samples, d) tiles
-and scatter item gradients with fp32 atomics (never a (B, S, d) tensor).
+Backward, ``_linear_cross_entropy_bwd_kernel``, grid (column blocks, row splits): each program
+owns a tile of columns, loops over the batch rows recomputing the logits tile from the saved
+LSE, forms dL/ds = g/T·(p - (1-ε)·onehot - ε/N) and accumulates dW_tile = dsᵀ·U in fp32
+registers. Catalog columns with one row split are written once (no atomics, deterministic, no
+fp32 (N, d) buffer for bf16 inputs). Small catalogs get row splits and candidates may repeat
+(duplicated negatives, in-batch targets) so those accumulate with fp32 atomics into an fp32
+buffer.
 
 Numerics: operands stay in the input dtype for tl.dot (tensor cores) with fp32 accumulation;
 fp32 inputs use tf32 only when ``torch.get_float32_matmul_precision() != "highest"``.
@@ -38,15 +43,15 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from ._utils import LN2, LOG2E, contiguous_rows, fp32_dot_precision, gpu_tuned, interpreting, \
+    num_sms, pow2
 
 
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _softmax_fwd_kernel(
+def _linear_cross_entropy_fwd_kernel(
     U, W, IDS, BIAS, OFF, TGT,             # inputs
     M_OUT, L_OUT, SZ_OUT, ACC_OUT,         # partial outputs, (P, B) / (P, B, D), fp32
     B, C, D, tiles_per_split, split_base,
@@ -147,7 +152,7 @@ def _target_logit_kernel(
 
 
 @triton.jit
-def _softmax_bwd_cols_kernel(
+def _linear_cross_entropy_bwd_kernel(
     U, W, IDS, BIAS, OFF, TGT, LSE, G,     # inputs (LSE natural log, G = dloss_b, fp32)
     DW, DBIAS,                             # outputs: (N, D) / (N,), fp32 buffers when ATOMIC
     B, C, D, rows_per_split,
@@ -226,135 +231,24 @@ def _softmax_bwd_cols_kernel(
             tl.store(DBIAS + wid, db.to(DBIAS.dtype.element_ty), mask=cmask)
 
 
-@triton.jit
-def _rowneg_fwd_kernel(
-    U, W, NEG, LOGQ, TGT,
-    M_OUT, L_OUT, ACC_OUT,
-    B, S, D, split,
-    stride_ub, stride_wn, stride_neg, stride_lq,
-    scale2,
-    HAS_LOGQ: tl.constexpr, EXCLUDE_HITS: tl.constexpr, COMPUTE_ACC: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Per-row negatives (B, S): online LSE over u_b·w_{neg[b, s]}/T - log_q[b, s]."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    rmask = rows < B
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    u = tl.load(U + rows[:, None] * stride_ub + offs_d[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    if EXCLUDE_HITS:
-        tgt = tl.load(TGT + rows, mask=rmask, other=-1)
-    m = tl.full([BLOCK_B], -1.0e30, tl.float32)  # finite "-inf": exp2 of differences stays 0/1
-    l = tl.zeros([BLOCK_B], tl.float32)
-    acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
-    for s0 in range(0, S, BLOCK_S):
-        ss = s0 + tl.arange(0, BLOCK_S)
-        valid = rmask[:, None] & (ss < S)[None, :]
-        ids = tl.load(NEG + rows[:, None] * stride_neg + ss[None, :], mask=valid, other=0)
-        w = tl.load(W + ids[:, :, None] * stride_wn + offs_d[None, None, :],
-                    mask=valid[:, :, None] & dmask[None, None, :], other=0.0).to(tl.float32)
-        z2 = tl.sum(u[:, None, :] * w, axis=2) * scale2
-        if HAS_LOGQ:
-            z2 -= tl.load(LOGQ + rows[:, None] * stride_lq + ss[None, :], mask=valid,
-                          other=0.0).to(tl.float32) * 1.4426950408889634
-        if EXCLUDE_HITS:
-            valid = valid & (ids != tgt[:, None])
-        z2 = tl.where(valid, z2, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z2, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(z2 - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        if COMPUTE_ACC:
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * w, axis=1)
-        m = m_new
-    out = split * B + rows
-    tl.store(M_OUT + out, m, mask=rmask)
-    tl.store(L_OUT + out, l, mask=rmask)
-    if COMPUTE_ACC:
-        tl.store(ACC_OUT + out[:, None] * D + offs_d[None, :], acc,
-                 mask=rmask[:, None] & dmask[None, :])
-
-
-@triton.jit
-def _rowneg_bwd_kernel(
-    U, W, NEG, LOGQ, TGT, LSE, G, DW,
-    B, S, D,
-    stride_ub, stride_wn, stride_neg, stride_lq, stride_dw,
-    scale, scale2,
-    HAS_LOGQ: tl.constexpr, EXCLUDE_HITS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Item gradients of per-row negatives, scattered with fp32 atomics into DW (N, D) fp32."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    rmask = rows < B
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    u = tl.load(U + rows[:, None] * stride_ub + offs_d[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    g = tl.load(G + rows, mask=rmask, other=0.0) * scale
-    lse2 = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
-    if EXCLUDE_HITS:
-        tgt = tl.load(TGT + rows, mask=rmask, other=-1)
-    for s0 in range(0, S, BLOCK_S):
-        ss = s0 + tl.arange(0, BLOCK_S)
-        valid = rmask[:, None] & (ss < S)[None, :]
-        ids = tl.load(NEG + rows[:, None] * stride_neg + ss[None, :], mask=valid, other=0)
-        wmask = valid[:, :, None] & dmask[None, None, :]
-        w = tl.load(W + ids[:, :, None] * stride_wn + offs_d[None, None, :],
-                    mask=wmask, other=0.0).to(tl.float32)
-        z2 = tl.sum(u[:, None, :] * w, axis=2) * scale2
-        if HAS_LOGQ:
-            z2 -= tl.load(LOGQ + rows[:, None] * stride_lq + ss[None, :], mask=valid,
-                          other=0.0).to(tl.float32) * 1.4426950408889634
-        keep = valid
-        if EXCLUDE_HITS:
-            keep = keep & (ids != tgt[:, None])
-        dz = tl.where(keep, tl.exp2(z2 - lse2[:, None]), 0.0) * g[:, None]
-        tl.atomic_add(DW + ids[:, :, None] * stride_dw + offs_d[None, None, :],
-                      dz[:, :, None] * u[:, None, :], mask=wmask)
-
-
 # ----------------------------------------------------------------------------------------------
 # launch configuration
 # ----------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
-def _prec(dtype: torch.dtype) -> str:
-    """tl.dot input precision for fp32 operands: tf32 only when torch allows it."""
+def _dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 operands follow torch's setting (tf32 only when allowed)."""
     if dtype == torch.float32:
-        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        return fp32_dot_precision()
     return "tf32"  # bf16/fp16 operand dots ignore it; fp16 backward dL/ds dots run in tf32
-
-
-def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
-
-def _pow2_clamp(x: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
 
 
 # GPU tile sizes (untuned heuristics; shared memory stays under ~100 KB so that sm_80 fits
 # too): bytes of one item row = BLOCK_D · element size decides the column tile and pipelining.
 def _fwd_config(B: int, d: int, device, elem: int = 2):
-    bd = _block_d(d)
-    if _interpreting() or device.type != "cuda":
-        return dict(BLOCK_B=_pow2_clamp(B, 16, 64), BLOCK_N=32, BLOCK_D=bd), {}
+    bd = pow2(d, 16)
+    if not gpu_tuned(device):
+        return dict(BLOCK_B=pow2(B, 16, 64), BLOCK_N=32, BLOCK_D=bd), {}
     row = bd * elem
-    block_b = _pow2_clamp(B, 16, 128 if row <= 256 else 64)
+    block_b = pow2(B, 16, 128 if row <= 256 else 64)
     block_n = 128 if row <= 128 else (64 if row <= 512 else 32)
     warps = 8 if block_b * block_n >= 128 * 64 else 4
     stages = 3 if row <= 256 else 2
@@ -363,8 +257,8 @@ def _fwd_config(B: int, d: int, device, elem: int = 2):
 
 
 def _bwd_config(d: int, device, elem: int = 2):
-    bd = _block_d(d)
-    if _interpreting() or device.type != "cuda":
+    bd = pow2(d, 16)
+    if not gpu_tuned(device):
         return dict(BLOCK_B=32, BLOCK_N=32, BLOCK_D=bd), {}
     row = bd * elem
     block_n = 128 if row <= 128 else (64 if row <= 512 else 32)
@@ -373,35 +267,24 @@ def _bwd_config(d: int, device, elem: int = 2):
         num_warps=8 if block_n == 128 else 4, num_stages=3 if row <= 256 else 2)
 
 
-def _rowneg_config(d: int, S: int, device):
-    bd = _block_d(d)
-    if _interpreting() or device.type != "cuda":
-        return dict(BLOCK_B=4, BLOCK_S=_pow2_clamp(S, 8, 16), BLOCK_D=bd), {}
-    block_s = _pow2_clamp(min(S, 4096 // bd), 8, 64)
-    return dict(BLOCK_B=4, BLOCK_S=block_s, BLOCK_D=bd), dict(num_warps=4)
-
-
-def _flags(x: torch.Tensor):
-    cast = _interpreting() and x.dtype in (torch.float16, torch.bfloat16)
-    return cast, _prec(x.dtype)
-
-
-def _contig_rows(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+def _dot_flags(x: torch.Tensor):
+    """(CAST_F32, PREC) for inputs like ``x``: half tiles go to fp32 under the interpreter."""
+    cast = interpreting() and x.dtype in (torch.float16, torch.bfloat16)
+    return cast, _dot_precision(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
-# forward launchers
+# launchers
 # ----------------------------------------------------------------------------------------------
-def _cols_fwd(user, items, ids, bias, off, tgt, *, C, temperature, exclude_hits, exclude_diag,
-              smooth, compute_acc, splits: Optional[int], parts: list):
+def _columns_fwd(user, items, ids, bias, off, tgt, *, C, temperature, exclude_hits,
+                 exclude_diag, smooth, compute_acc, splits: Optional[int], parts: list):
     """Launch the column kernel; appends (m2, l, sz, acc) partials (P, B[, d]) to ``parts``."""
     B, d = user.shape
     cfg, opts = _fwd_config(B, d, user.device, user.element_size())
     n_tiles = triton.cdiv(C, cfg["BLOCK_N"])
     b_blocks = triton.cdiv(B, cfg["BLOCK_B"])
     if splits is None:
-        splits = max(1, min(n_tiles, (4 * _num_sms(user.device)) // b_blocks))
+        splits = max(1, min(n_tiles, (4 * num_sms(user.device)) // b_blocks))
     splits = max(1, min(splits, n_tiles))
     tiles_per = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per)
@@ -410,9 +293,9 @@ def _cols_fwd(user, items, ids, bias, off, tgt, *, C, temperature, exclude_hits,
     l = torch.empty(splits, B, **f32)
     sz = torch.empty(splits, B, **f32) if smooth else m
     acc = torch.empty(splits, B, d, **f32) if compute_acc else m
-    cast, prec = _flags(user)
+    cast, prec = _dot_flags(user)
     dummy = m
-    _softmax_fwd_kernel[(b_blocks, splits)](
+    _linear_cross_entropy_fwd_kernel[(b_blocks, splits)](
         user, items, ids if ids is not None else dummy, bias if bias is not None else dummy,
         off if off is not None else dummy, tgt if tgt is not None else dummy,
         m, l, sz, acc,
@@ -428,7 +311,7 @@ def _cols_fwd(user, items, ids, bias, off, tgt, *, C, temperature, exclude_hits,
 def _target_logits(user, items, target, bias, toff, temperature, ignore_index):
     B, d = user.shape
     zt = torch.empty(B, device=user.device, dtype=torch.float32)
-    bd = _block_d(d)
+    bd = pow2(d, 16)
     bb = 16 if bd <= 128 else 8
     dummy = zt
     _target_logit_kernel[(triton.cdiv(B, bb),)](
@@ -439,9 +322,10 @@ def _target_logits(user, items, target, bias, toff, temperature, ignore_index):
     return zt
 
 
-def _combine(parts: Sequence, extra=None):
+def _combine_partials(parts: Sequence, extra=None):
     """Merge partial (m2 (P,B), l (P,B), acc (P,B,d) | None) into lse (B,) and
-    udir = Σ p·w (B, d) | None. ``extra``: (z (B,), w (B, d) | None) one more column per row."""
+    softmax_item_mean = Σ p·w (B, d) | None. ``extra``: (z (B,), w (B, d) | None) one more
+    column per row."""
     ms = [p[0] for p in parts]
     ls = [p[1] for p in parts]
     accs = [p[3] for p in parts]
@@ -456,28 +340,30 @@ def _combine(parts: Sequence, extra=None):
     sc = torch.exp2(m - mx)
     total = (l * sc).sum(0)
     lse = (mx + torch.log2(total)) * LN2
-    udir = None
+    softmax_item_mean = None
     if accs[0] is not None:
         acc = torch.cat(accs, 0)
-        udir = (acc * sc[..., None]).sum(0) / total[:, None]
-    return lse, udir
+        softmax_item_mean = (acc * sc[..., None]).sum(0) / total[:, None]
+    return lse, softmax_item_mean
 
 
-def _lce_fwd(user, items, target, bias, temperature: float, ignore_index: int,
-             label_smoothing: float, need_user_grad: bool, splits: Optional[int] = None):
+def _linear_cross_entropy_fwd(user, items, target, bias, temperature: float,
+                              ignore_index: int, label_smoothing: float, need_user_grad: bool,
+                              splits: Optional[int] = None):
     """Full-catalog CE forward. -> loss_rows (B,) fp32 (0 at ignored rows), lse (B,) fp32,
-    udir (B, d) fp32 = Σ_j softmax_j·items_j (or (0, d) when ``need_user_grad`` is False)."""
-    user, items = _contig_rows(user), _contig_rows(items)
+    softmax_item_mean (B, d) fp32 = Σ_j softmax_j·items_j (or (0, d) when ``need_user_grad``
+    is False)."""
+    user, items = contiguous_rows(user), contiguous_rows(items)
     target = target.contiguous()
     bias = bias.contiguous() if bias is not None else None
     B, d = user.shape
     N = items.shape[0]
     smooth = label_smoothing > 0
     parts = []
-    _cols_fwd(user, items, None, bias, None, None, C=N, temperature=temperature,
-              exclude_hits=False, exclude_diag=False, smooth=smooth,
-              compute_acc=need_user_grad, splits=splits, parts=parts)
-    lse, udir = _combine(parts)
+    _columns_fwd(user, items, None, bias, None, None, C=N, temperature=temperature,
+                 exclude_hits=False, exclude_diag=False, smooth=smooth,
+                 compute_acc=need_user_grad, splits=splits, parts=parts)
+    lse, softmax_item_mean = _combine_partials(parts)
     zt = _target_logits(user, items, target, bias, None, temperature, ignore_index)
     valid = target != ignore_index
     loss = lse - (1.0 - label_smoothing) * zt
@@ -485,16 +371,17 @@ def _lce_fwd(user, items, target, bias, temperature: float, ignore_index: int,
         sz = parts[0][2].sum(0)
         loss = loss - (label_smoothing / N / temperature) * sz
     loss = torch.where(valid, loss, torch.zeros_like(loss))
-    if udir is None:
-        udir = user.new_empty((0, d), dtype=torch.float32)
-    return loss, lse, udir
+    if softmax_item_mean is None:
+        softmax_item_mean = user.new_empty((0, d), dtype=torch.float32)
+    return loss, lse, softmax_item_mean
 
 
-def _lce_bwd(grad_rows, user, items, target, bias, lse, udir, temperature: float,
-             ignore_index: int, label_smoothing: float, need_user: bool, need_items: bool,
-             need_bias: bool, b_splits: Optional[int] = None):
+def _linear_cross_entropy_bwd(grad_rows, user, items, target, bias, lse, softmax_item_mean,
+                              temperature: float, ignore_index: int, label_smoothing: float,
+                              need_user: bool, need_items: bool, need_bias: bool,
+                              b_splits: Optional[int] = None):
     """-> (d_user (B, d) | empty, d_items (N, d) | empty, d_bias (N,) | empty)."""
-    user, items = _contig_rows(user), _contig_rows(items)
+    user, items = contiguous_rows(user), contiguous_rows(items)
     target, lse = target.contiguous(), lse.contiguous()
     bias = bias.contiguous() if bias is not None else None
     B, d = user.shape
@@ -505,27 +392,28 @@ def _lce_bwd(grad_rows, user, items, target, bias, lse, udir, temperature: float
     d_user = user.new_empty((0, d))
     if need_user:
         safe_t = torch.where(valid, target, torch.zeros_like(target))
-        du = udir - (1.0 - label_smoothing) * items[safe_t].float()
+        du = softmax_item_mean - (1.0 - label_smoothing) * items[safe_t].float()
         if label_smoothing > 0:
             du = du - (label_smoothing / N) * items.sum(0, dtype=torch.float32)[None, :]
         d_user = (du * (g * scale)[:, None]).to(user.dtype)
     d_items = items.new_empty((0, d))
     d_bias = items.new_empty((0,))
     if need_items or need_bias:
-        d_items, d_bias = _cols_bwd(user, items, None, bias, None, target, lse, g, C=N, N=N,
-                                    temperature=temperature, exclude_hits=False,
-                                    exclude_diag=False, onehot=True,
-                                    keep_target=1.0 - label_smoothing,
-                                    smooth_coef=label_smoothing / N,
-                                    need_bias=need_bias, b_splits=b_splits, force_atomic=False)
+        d_items, d_bias = _columns_bwd(user, items, None, bias, None, target, lse, g, C=N, N=N,
+                                       temperature=temperature, exclude_hits=False,
+                                       exclude_diag=False, onehot=True,
+                                       keep_target=1.0 - label_smoothing,
+                                       smooth_coef=label_smoothing / N,
+                                       need_bias=need_bias, b_splits=b_splits,
+                                       force_atomic=False)
         if not need_items:
             d_items = items.new_empty((0, d))
     return d_user, d_items, d_bias
 
 
-def _cols_bwd(user, items, ids, bias, off, tgt, lse, g, *, C, N, temperature, exclude_hits,
-              exclude_diag, onehot, keep_target, smooth_coef, need_bias, b_splits,
-              force_atomic, out=None):
+def _columns_bwd(user, items, ids, bias, off, tgt, lse, g, *, C, N, temperature, exclude_hits,
+                 exclude_diag, onehot, keep_target, smooth_coef, need_bias, b_splits,
+                 force_atomic, out=None):
     """Item (and bias) gradients of the column softmax. ``out``: fp32 (N, d) buffer to
     accumulate into atomically (then returned as is)."""
     B, d = user.shape
@@ -533,7 +421,7 @@ def _cols_bwd(user, items, ids, bias, off, tgt, lse, g, *, C, N, temperature, ex
     n_blocks = triton.cdiv(C, cfg["BLOCK_N"])
     r_blocks = triton.cdiv(B, cfg["BLOCK_B"])
     if b_splits is None:
-        want = 2 * _num_sms(user.device)
+        want = 2 * num_sms(user.device)
         b_splits = 1 if n_blocks >= want else min(r_blocks, triton.cdiv(want, n_blocks))
     b_splits = max(1, min(b_splits, r_blocks))
     rows_per = triton.cdiv(r_blocks, b_splits) * cfg["BLOCK_B"]
@@ -545,10 +433,10 @@ def _cols_bwd(user, items, ids, bias, off, tgt, lse, g, *, C, N, temperature, ex
     else:
         dw = torch.empty(N, d, device=user.device, dtype=items.dtype)
         db = torch.empty(N, device=user.device, dtype=bias.dtype) if need_bias else dw
-    cast, prec = _flags(user)
+    cast, prec = _dot_flags(user)
     dz_f32 = cast or user.dtype in (torch.float16, torch.float32)
     dummy = lse
-    _softmax_bwd_cols_kernel[(n_blocks, b_splits)](
+    _linear_cross_entropy_bwd_kernel[(n_blocks, b_splits)](
         user, items, ids if ids is not None else dummy, bias if bias is not None else dummy,
         off if off is not None else dummy, tgt if tgt is not None else dummy, lse, g,
         dw, db,
@@ -565,117 +453,3 @@ def _cols_bwd(user, items, ids, bias, off, tgt, lse, g, *, C, N, temperature, ex
     d_bias = (db.to(bias.dtype) if atomic else db) if need_bias else items.new_empty((0,))
     return d_items, d_bias
 
-
-# ----------------------------------------------------------------------------------------------
-# sampled softmax
-# ----------------------------------------------------------------------------------------------
-def _sampled_columns(target, negatives, log_q, target_log_q, in_batch: bool):
-    """Shared columns (ids (C,), logQ offsets (C,) | None, exclude_diag) of the sampled softmax:
-    the in-batch targets first (column j = row j's target), then shared negatives."""
-    ids, offs = [], []
-    has_off = target_log_q is not None or (log_q is not None and negatives.dim() == 1)
-    if in_batch:
-        ids.append(target)
-        if has_off:
-            offs.append(target_log_q.float() if target_log_q is not None
-                        else torch.zeros(target.shape[0], device=target.device))
-    if negatives.dim() == 1:
-        ids.append(negatives)
-        if has_off:
-            offs.append(log_q.float() if log_q is not None
-                        else torch.zeros(negatives.shape[0], device=target.device))
-    if not ids:
-        return None, None
-    col_ids = torch.cat(ids).contiguous() if len(ids) > 1 else ids[0].contiguous()
-    col_off = (torch.cat(offs).contiguous() if len(offs) > 1 else offs[0].contiguous()) \
-        if has_off else None
-    return col_ids, col_off
-
-
-def _sampled_fwd(user, items, target, negatives, log_q, target_log_q, in_batch: bool,
-                 remove_hits: bool, temperature: float, need_user_grad: bool,
-                 splits: Optional[int] = None):
-    """-> loss_rows (B,) fp32, lse (B,) fp32, udir (B, d) fp32 | (0, d)."""
-    user, items = _contig_rows(user), _contig_rows(items)
-    target = target.contiguous()
-    B, d = user.shape
-    col_ids, col_off = _sampled_columns(target, negatives, log_q, target_log_q, in_batch)
-    parts = []
-    if col_ids is not None:
-        _cols_fwd(user, items, col_ids, None, col_off, target, C=col_ids.shape[0],
-                  temperature=temperature, exclude_hits=remove_hits, exclude_diag=in_batch,
-                  smooth=False, compute_acc=need_user_grad, splits=splits, parts=parts)
-    if negatives.dim() == 2 and negatives.shape[1] > 0:
-        _rowneg_fwd(user, items, negatives, log_q, target, temperature, remove_hits,
-                    need_user_grad, parts)
-    toff = target_log_q.float().contiguous() if target_log_q is not None else None
-    zpos = _target_logits(user, items, target, None, toff, temperature, -(2 ** 62))
-    wpos = items[target] if need_user_grad else None
-    lse, udir = _combine(parts, extra=(zpos, wpos))
-    loss = lse - zpos
-    if udir is None:
-        udir = user.new_empty((0, d), dtype=torch.float32)
-    return loss, lse, udir
-
-
-def _rowneg_fwd(user, items, negatives, log_q, target, temperature, remove_hits, compute_acc,
-                parts):
-    B, d = user.shape
-    S = negatives.shape[1]
-    cfg, opts = _rowneg_config(d, S, user.device)
-    f32 = dict(device=user.device, dtype=torch.float32)
-    m = torch.empty(1, B, **f32)
-    l = torch.empty(1, B, **f32)
-    acc = torch.empty(1, B, d, **f32) if compute_acc else m
-    negatives = _contig_rows(negatives)
-    lq = _contig_rows(log_q) if log_q is not None else None
-    _rowneg_fwd_kernel[(triton.cdiv(B, cfg["BLOCK_B"]),)](
-        user, items, negatives, lq if lq is not None else m, target, m, l, acc,
-        B, S, d, 0, user.stride(0), items.stride(0), negatives.stride(0),
-        lq.stride(0) if lq is not None else 0, LOG2E / temperature,
-        HAS_LOGQ=lq is not None, EXCLUDE_HITS=remove_hits, COMPUTE_ACC=compute_acc,
-        **cfg, **opts)
-    parts.append((m, l, None, acc if compute_acc else None))
-
-
-def _sampled_bwd(grad_rows, user, items, target, negatives, log_q, target_log_q, lse, udir,
-                 in_batch: bool, remove_hits: bool, temperature: float, need_user: bool,
-                 need_items: bool):
-    """-> (d_user (B, d) | empty, d_items (N, d) | empty)."""
-    user, items = _contig_rows(user), _contig_rows(items)
-    target, lse = target.contiguous(), lse.contiguous()
-    B, d = user.shape
-    N = items.shape[0]
-    g = grad_rows.float().contiguous()
-    scale = 1.0 / temperature
-    d_user = user.new_empty((0, d))
-    wpos = items[target].float()
-    if need_user:
-        d_user = ((udir - wpos) * (g * scale)[:, None]).to(user.dtype)
-    d_items = items.new_empty((0, d))
-    if need_items:
-        dw = torch.zeros(N, d, device=user.device, dtype=torch.float32)
-        col_ids, col_off = _sampled_columns(target, negatives, log_q, target_log_q, in_batch)
-        if col_ids is not None:
-            _cols_bwd(user, items, col_ids, None, col_off, target, lse, g, C=col_ids.shape[0],
-                      N=N, temperature=temperature, exclude_hits=remove_hits,
-                      exclude_diag=in_batch, onehot=False, keep_target=0.0, smooth_coef=0.0,
-                      need_bias=False, b_splits=None, force_atomic=True, out=dw)
-        if negatives.dim() == 2 and negatives.shape[1] > 0:
-            S = negatives.shape[1]
-            cfg, opts = _rowneg_config(d, S, user.device)
-            negs = _contig_rows(negatives)
-            lq = _contig_rows(log_q) if log_q is not None else None
-            _rowneg_bwd_kernel[(triton.cdiv(B, cfg["BLOCK_B"]),)](
-                user, items, negs, lq if lq is not None else lse, target, lse, g, dw,
-                B, S, d, user.stride(0), items.stride(0), negs.stride(0),
-                lq.stride(0) if lq is not None else 0, dw.stride(0),
-                scale, LOG2E / temperature,
-                HAS_LOGQ=lq is not None, EXCLUDE_HITS=remove_hits, **cfg, **opts)
-        # the positive: dL/dw_t = -g/T·(1 - p_pos)·u, p_pos = exp(z_pos - lse)
-        toff = target_log_q.float() if target_log_q is not None else 0.0
-        zpos = (user.float() * wpos).sum(1) * scale - toff
-        coef = (torch.exp(zpos - lse) - 1.0) * g * scale
-        dw.index_add_(0, target, coef[:, None] * user.float())
-        d_items = dw if items.dtype == torch.float32 else dw.to(items.dtype)
-    return d_user, d_items

@@ -1,0 +1,123 @@
+"""Speed and memory of the full-catalog softmax cross-entropy (linear_cross_entropy) against eager
+PyTorch, torch.compile and the public peers.
+
+    python bench/linear_cross_entropy.py                  # headline shapes for the device
+    python bench/linear_cross_entropy.py --quick          # CI-sized run
+    python bench/linear_cross_entropy.py --gpu-suite      # what bench/gpu_suite.sh runs
+    python bench/linear_cross_entropy.py --full 4096,1000000,64 --dtype bf16
+
+Providers: eager (the reference, builds the logits), compile (torch.compile of it), ours
+(triton on CUDA, cpp on CPU), and the public peers when installed (never required):
+cut-cross-entropy (``cce``) and liger-kernel (``liger``). Columns: ms fwd+bwd (median, p20-p80),
+peak MiB above the inputs. Rows go to bench/results/linear_cross_entropy.csv.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import _harness  # noqa: E402
+from seqrec_fast import backend as B  # noqa: E402
+from seqrec_fast.ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
+from seqrec_fast.reference.linear_cross_entropy import linear_cross_entropy_ref  # noqa: E402
+
+OP = "linear_cross_entropy"
+PROVIDERS = "eager,compile,ours,cce,liger"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SHAPE_FLAG, SHAPE_LEN, SHAPE_HELP = "--full", 3, "B,N,d ... full-catalog shapes"
+GPU_SHAPES = [(4096, 100_000, 64), (4096, 1_000_000, 64), (8192, 2_000_000, 128)]
+CPU_SHAPES = [(1024, 100_000, 64)]
+QUICK_SHAPES = [(256, 8192, 32)]
+# eager / torch.compile materialise (B, N) logits several times: skip them where that cannot fit
+EAGER_MAX_ELEMS = {"cuda": 4096 * 1_000_000, "cpu": 1024 * 200_000}
+
+
+def _peers():
+    peers = {}
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        peers["cce"] = lambda u, w, t, b: cce(u, w, t, bias=b)
+    except Exception:  # noqa: BLE001 - optional
+        pass
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as lfce
+
+        peers["liger"] = lambda u, w, t, b: lfce(u, w, t, bias=b)
+    except Exception:  # noqa: BLE001 - optional
+        pass
+    return peers
+
+
+def build_cases(shapes, dtype, device, providers, modes):
+    cases = []
+    compiled = torch.compile(linear_cross_entropy_ref, dynamic=False)
+    ours = "triton" if device.type == "cuda" else "cpp"
+    peers = _peers() if device.type == "cuda" else {}
+    for b, n, d in shapes:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        user = (torch.randn(b, d, generator=g) * 0.3).to(device=device, dtype=dtype)
+        items = (torch.randn(n, d, generator=g) * 0.3).to(device=device, dtype=dtype)
+        target = torch.randint(0, n, (b,), generator=g).to(device)
+        user.requires_grad_(True)
+        items.requires_grad_(True)
+        fns = {}
+        big = b * n > EAGER_MAX_ELEMS[device.type]
+        for p in providers:
+            if p == "eager" and not big:
+                fns[p] = lambda: linear_cross_entropy_ref(user, items, target)
+            elif p == "compile" and not big:
+                fns[p] = lambda: compiled(user, items, target)
+            elif p == "ours" and B.available("linear_cross_entropy", ours, device):
+                fns[ours] = lambda: linear_cross_entropy(user, items, target, backend=ours)
+            elif p in peers:
+                fns[p] = lambda f=peers[p]: f(user, items, target, None)
+        tag = f"{b}x{n}x{d}"
+        for mode in modes:
+            for p, fn in fns.items():
+                run = _harness.no_grad(fn) if mode == "fwd" else _harness.fwd_bwd(fn, [user, items])
+                cases.append(_harness.Case(p, mode, tag, run, variant="full",
+                                           dtype=str(dtype).replace("torch.", "")))
+    return cases
+
+
+def main(argv=None):
+    _harness.stable_malloc()
+    ap = _harness.base_parser(__doc__, PROVIDERS, "fwd+bwd")
+    ap.add_argument("--dtype", default=None, help="comma list of " + ",".join(sorted(DTYPES))
+                    + " (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument(SHAPE_FLAG, "--shapes", dest="shapes", nargs="*", help=SHAPE_HELP)
+    ap.add_argument("--gpu-suite", action="store_true",
+                    help="headline GPU shapes, bf16 and fp32 (bench/gpu_suite.sh)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    providers = args.providers.split(",")
+    modes = args.modes.split(",")
+    shapes = _harness.pick_shapes(args, device, QUICK_SHAPES, GPU_SHAPES, CPU_SHAPES)
+    if any(len(s) != SHAPE_LEN for s in shapes):
+        ap.error(f"{SHAPE_FLAG}: each shape is {SHAPE_HELP.split()[0]}")
+    dtypes = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    if args.gpu_suite:  # the issue's headline shapes only (the suite has a 5-minute budget)
+        dtypes = "bf16,fp32"
+        shapes = [s for s in shapes if s[1] >= 1_000_000]
+    for name in dtypes.split(","):
+        if name not in DTYPES:
+            ap.error(f"--dtype: unknown {name!r} (choose from {sorted(DTYPES)})")
+    _harness.print_versions()
+    cases = []
+    for name in dtypes.split(","):
+        dtype = DTYPES[name]
+        provs = providers
+        if args.gpu_suite and dtype == torch.float32:  # keep the suite short: no recompiles
+            provs = [p for p in providers if p != "compile"]
+        cases += build_cases(shapes, dtype, device, provs, modes)
+    _harness.run_cases(OP, cases, device, csv_path=args.csv,
+                       reps=3 if args.quick else args.reps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Triton kernels of the sampled softmax (``sampled_softmax_loss``): shared sampled negatives,
+in-batch negatives, per-row negatives, logQ correction and accidental-hit removal.
+
+Chain: the column kernels of ``kernels/linear_cross_entropy.py`` (imported from there: shared
+negatives and in-batch targets are gathered columns, ``INDEXED=True``) plus
+``_sampled_softmax_row_negatives_fwd_kernel`` / ``_bwd_kernel`` -> launchers
+``_sampled_softmax_fwd`` / ``_sampled_softmax_bwd`` -> ``seqrec_fast.ops.sampled_softmax`` ->
+``seqrec_fast.reference.sampled_softmax_ref``.
+
+Per-row negatives (B, S) are a batched gather-dot rather than a GEMM: the row-negatives kernels
+handle them with 3-D (rows, samples, d) tiles and scatter item gradients with fp32 atomics
+(never a (B, S, d) tensor). The positive is one more column per row, merged by
+``_combine_partials``; its item gradient is a (B, d) index_add.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import LOG2E, contiguous_rows, gpu_tuned, pow2
+from .linear_cross_entropy import _columns_bwd, _columns_fwd, _combine_partials, _target_logits
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _sampled_softmax_row_negatives_fwd_kernel(
+    U, W, NEG, LOGQ, TGT,
+    M_OUT, L_OUT, ACC_OUT,
+    B, S, D, split,
+    stride_ub, stride_wn, stride_neg, stride_lq,
+    scale2,
+    HAS_LOGQ: tl.constexpr, EXCLUDE_HITS: tl.constexpr, COMPUTE_ACC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Per-row negatives (B, S): online LSE over u_b·w_{neg[b, s]}/T - log_q[b, s]."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    u = tl.load(U + rows[:, None] * stride_ub + offs_d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    if EXCLUDE_HITS:
+        tgt = tl.load(TGT + rows, mask=rmask, other=-1)
+    m = tl.full([BLOCK_B], -1.0e30, tl.float32)  # finite "-inf": exp2 of differences stays 0/1
+    l = tl.zeros([BLOCK_B], tl.float32)
+    acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        valid = rmask[:, None] & (ss < S)[None, :]
+        ids = tl.load(NEG + rows[:, None] * stride_neg + ss[None, :], mask=valid, other=0)
+        w = tl.load(W + ids[:, :, None] * stride_wn + offs_d[None, None, :],
+                    mask=valid[:, :, None] & dmask[None, None, :], other=0.0).to(tl.float32)
+        z2 = tl.sum(u[:, None, :] * w, axis=2) * scale2
+        if HAS_LOGQ:
+            z2 -= tl.load(LOGQ + rows[:, None] * stride_lq + ss[None, :], mask=valid,
+                          other=0.0).to(tl.float32) * 1.4426950408889634
+        if EXCLUDE_HITS:
+            valid = valid & (ids != tgt[:, None])
+        z2 = tl.where(valid, z2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z2, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(z2 - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        if COMPUTE_ACC:
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * w, axis=1)
+        m = m_new
+    out = split * B + rows
+    tl.store(M_OUT + out, m, mask=rmask)
+    tl.store(L_OUT + out, l, mask=rmask)
+    if COMPUTE_ACC:
+        tl.store(ACC_OUT + out[:, None] * D + offs_d[None, :], acc,
+                 mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _sampled_softmax_row_negatives_bwd_kernel(
+    U, W, NEG, LOGQ, TGT, LSE, G, DW,
+    B, S, D,
+    stride_ub, stride_wn, stride_neg, stride_lq, stride_dw,
+    scale, scale2,
+    HAS_LOGQ: tl.constexpr, EXCLUDE_HITS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Item gradients of per-row negatives, scattered with fp32 atomics into DW (N, D) fp32."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    u = tl.load(U + rows[:, None] * stride_ub + offs_d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    g = tl.load(G + rows, mask=rmask, other=0.0) * scale
+    lse2 = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
+    if EXCLUDE_HITS:
+        tgt = tl.load(TGT + rows, mask=rmask, other=-1)
+    for s0 in range(0, S, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        valid = rmask[:, None] & (ss < S)[None, :]
+        ids = tl.load(NEG + rows[:, None] * stride_neg + ss[None, :], mask=valid, other=0)
+        wmask = valid[:, :, None] & dmask[None, None, :]
+        w = tl.load(W + ids[:, :, None] * stride_wn + offs_d[None, None, :],
+                    mask=wmask, other=0.0).to(tl.float32)
+        z2 = tl.sum(u[:, None, :] * w, axis=2) * scale2
+        if HAS_LOGQ:
+            z2 -= tl.load(LOGQ + rows[:, None] * stride_lq + ss[None, :], mask=valid,
+                          other=0.0).to(tl.float32) * 1.4426950408889634
+        keep = valid
+        if EXCLUDE_HITS:
+            keep = keep & (ids != tgt[:, None])
+        dz = tl.where(keep, tl.exp2(z2 - lse2[:, None]), 0.0) * g[:, None]
+        tl.atomic_add(DW + ids[:, :, None] * stride_dw + offs_d[None, None, :],
+                      dz[:, :, None] * u[:, None, :], mask=wmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+def _row_negatives_config(d: int, S: int, device):
+    bd = pow2(d, 16)
+    if not gpu_tuned(device):
+        return dict(BLOCK_B=4, BLOCK_S=pow2(S, 8, 16), BLOCK_D=bd), {}
+    block_s = pow2(min(S, 4096 // bd), 8, 64)
+    return dict(BLOCK_B=4, BLOCK_S=block_s, BLOCK_D=bd), dict(num_warps=4)
+
+
+def _sampled_columns(target, negatives, log_q, target_log_q, in_batch: bool):
+    """Shared columns (ids (C,), logQ offsets (C,) | None, exclude_diag) of the sampled softmax:
+    the in-batch targets first (column j = row j's target), then shared negatives."""
+    ids, offs = [], []
+    has_off = target_log_q is not None or (log_q is not None and negatives.dim() == 1)
+    if in_batch:
+        ids.append(target)
+        if has_off:
+            offs.append(target_log_q.float() if target_log_q is not None
+                        else torch.zeros(target.shape[0], device=target.device))
+    if negatives.dim() == 1:
+        ids.append(negatives)
+        if has_off:
+            offs.append(log_q.float() if log_q is not None
+                        else torch.zeros(negatives.shape[0], device=target.device))
+    if not ids:
+        return None, None
+    col_ids = torch.cat(ids).contiguous() if len(ids) > 1 else ids[0].contiguous()
+    col_off = (torch.cat(offs).contiguous() if len(offs) > 1 else offs[0].contiguous()) \
+        if has_off else None
+    return col_ids, col_off
+
+
+def _row_negatives_fwd(user, items, negatives, log_q, target, temperature, remove_hits,
+                       compute_acc, parts):
+    """Per-row negatives (B, S): appends their (m2, l, None, acc) partials (1, B[, d])."""
+    B, d = user.shape
+    S = negatives.shape[1]
+    cfg, opts = _row_negatives_config(d, S, user.device)
+    f32 = dict(device=user.device, dtype=torch.float32)
+    m = torch.empty(1, B, **f32)
+    l = torch.empty(1, B, **f32)
+    acc = torch.empty(1, B, d, **f32) if compute_acc else m
+    negatives = contiguous_rows(negatives)
+    lq = contiguous_rows(log_q) if log_q is not None else None
+    _sampled_softmax_row_negatives_fwd_kernel[(triton.cdiv(B, cfg["BLOCK_B"]),)](
+        user, items, negatives, lq if lq is not None else m, target, m, l, acc,
+        B, S, d, 0, user.stride(0), items.stride(0), negatives.stride(0),
+        lq.stride(0) if lq is not None else 0, LOG2E / temperature,
+        HAS_LOGQ=lq is not None, EXCLUDE_HITS=remove_hits, COMPUTE_ACC=compute_acc,
+        **cfg, **opts)
+    parts.append((m, l, None, acc if compute_acc else None))
+
+
+def _row_negatives_bwd(user, items, negatives, log_q, target, lse, g, temperature, remove_hits,
+                       dw):
+    """Item gradients of the per-row negatives (B, S), atomically added into ``dw`` (N, d)
+    fp32."""
+    B, d = user.shape
+    S = negatives.shape[1]
+    cfg, opts = _row_negatives_config(d, S, user.device)
+    negatives = contiguous_rows(negatives)
+    lq = contiguous_rows(log_q) if log_q is not None else None
+    _sampled_softmax_row_negatives_bwd_kernel[(triton.cdiv(B, cfg["BLOCK_B"]),)](
+        user, items, negatives, lq if lq is not None else lse, target, lse, g, dw,
+        B, S, d, user.stride(0), items.stride(0), negatives.stride(0),
+        lq.stride(0) if lq is not None else 0, dw.stride(0),
+        1.0 / temperature, LOG2E / temperature,
+        HAS_LOGQ=lq is not None, EXCLUDE_HITS=remove_hits, **cfg, **opts)
+
+
+def _sampled_softmax_fwd(user, items, target, negatives, log_q, target_log_q, in_batch: bool,
+                         remove_hits: bool, temperature: float, need_user_grad: bool,
+                         splits: Optional[int] = None):
+    """-> loss_rows (B,) fp32, lse (B,) fp32, softmax_item_mean (B, d) fp32 | (0, d)."""
+    user, items = contiguous_rows(user), contiguous_rows(items)
+    target = target.contiguous()
+    B, d = user.shape
+    col_ids, col_off = _sampled_columns(target, negatives, log_q, target_log_q, in_batch)
+    parts = []
+    if col_ids is not None:
+        _columns_fwd(user, items, col_ids, None, col_off, target, C=col_ids.shape[0],
+                     temperature=temperature, exclude_hits=remove_hits, exclude_diag=in_batch,
+                     smooth=False, compute_acc=need_user_grad, splits=splits, parts=parts)
+    if negatives.dim() == 2 and negatives.shape[1] > 0:
+        _row_negatives_fwd(user, items, negatives, log_q, target, temperature, remove_hits,
+                           need_user_grad, parts)
+    toff = target_log_q.float().contiguous() if target_log_q is not None else None
+    zpos = _target_logits(user, items, target, None, toff, temperature, -(2 ** 62))
+    wpos = items[target] if need_user_grad else None
+    lse, softmax_item_mean = _combine_partials(parts, extra=(zpos, wpos))
+    loss = lse - zpos
+    if softmax_item_mean is None:
+        softmax_item_mean = user.new_empty((0, d), dtype=torch.float32)
+    return loss, lse, softmax_item_mean
+
+
+def _sampled_softmax_bwd(grad_rows, user, items, target, negatives, log_q, target_log_q, lse,
+                         softmax_item_mean, in_batch: bool, remove_hits: bool,
+                         temperature: float, need_user: bool, need_items: bool):
+    """-> (d_user (B, d) | empty, d_items (N, d) | empty)."""
+    user, items = contiguous_rows(user), contiguous_rows(items)
+    target, lse = target.contiguous(), lse.contiguous()
+    B, d = user.shape
+    N = items.shape[0]
+    g = grad_rows.float().contiguous()
+    scale = 1.0 / temperature
+    d_user = user.new_empty((0, d))
+    wpos = items[target].float()
+    if need_user:
+        d_user = ((softmax_item_mean - wpos) * (g * scale)[:, None]).to(user.dtype)
+    d_items = items.new_empty((0, d))
+    if need_items:
+        dw = torch.zeros(N, d, device=user.device, dtype=torch.float32)
+        col_ids, col_off = _sampled_columns(target, negatives, log_q, target_log_q, in_batch)
+        if col_ids is not None:
+            _columns_bwd(user, items, col_ids, None, col_off, target, lse, g,
+                         C=col_ids.shape[0], N=N, temperature=temperature,
+                         exclude_hits=remove_hits, exclude_diag=in_batch, onehot=False,
+                         keep_target=0.0, smooth_coef=0.0, need_bias=False, b_splits=None,
+                         force_atomic=True, out=dw)
+        if negatives.dim() == 2 and negatives.shape[1] > 0:
+            _row_negatives_bwd(user, items, negatives, log_q, target, lse, g, temperature,
+                               remove_hits, dw)
+        # the positive: dL/dw_t = -g/T·(1 - p_pos)·u, p_pos = exp(z_pos - lse)
+        toff = target_log_q.float() if target_log_q is not None else 0.0
+        zpos = (user.float() * wpos).sum(1) * scale - toff
+        coef = (torch.exp(zpos - lse) - 1.0) * g * scale
+        dw.index_add_(0, target, coef[:, None] * user.float())
+        d_items = dw if items.dtype == torch.float32 else dw.to(items.dtype)
+    return d_user, d_items

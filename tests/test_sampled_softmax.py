@@ -1,0 +1,340 @@
+"""sampled_softmax_loss and bpr_max_loss: every backend against the float64 reference.
+
+Triton runs through the interpreter on CPU (tiny shapes: it is slow); the C++ kernel gets the
+odd shapes, float64 exactness and gradcheck; cuda-marked tests take the big shapes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from _util import assert_close, compare_three, fused_backends, grads_of, need_cpp
+from seqrec_fast.ops.sampled_softmax import (_sampled_softmax_fwd_op, bpr_max_loss,
+                                             sampled_softmax_loss)
+from seqrec_fast.reference.sampled_softmax import sampled_softmax_ref
+
+OP = "sampled_softmax"
+FUSED = fused_backends(OP)
+
+
+def make_sampled(b, n, d, s, *, per_row=False, hits=True, log_q=True, seed=0, device="cpu"):
+    """Inputs with accidental hits on purpose: repeated targets in the batch, negatives equal to
+    a row's target (several times), duplicated negatives."""
+    g = torch.Generator().manual_seed(seed)
+    user = torch.randn(b, d, generator=g, dtype=torch.float64) * 0.5
+    items = torch.randn(n, d, generator=g, dtype=torch.float64) * 0.5
+    target = torch.randint(0, n, (b,), generator=g)
+    shape = (b, s) if per_row else (s,)
+    neg = torch.randint(0, n, shape, generator=g)
+    if hits and b > 1:
+        target[1] = target[0]
+    if hits and s >= 3:
+        if per_row:
+            neg[0, :2] = target[0]
+            neg[-1, 1] = target[-1]
+            neg[:, 2] = neg[:, 0]
+        else:
+            neg[0] = neg[1] = target[0]
+            neg[2] = neg[-1]
+    lq = torch.randn(shape, generator=g, dtype=torch.float64) - 3 if log_q else None
+    tlq = torch.randn(b, generator=g, dtype=torch.float64) - 3 if log_q else None
+    gout = torch.randn(b, generator=g, dtype=torch.float64)
+    mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return mv(user), mv(items), mv(target), mv(neg), mv(lq), mv(tlq), mv(gout)
+
+
+def _sampled_fn(backend, target, neg, lq, tlq, **kw):
+    kw.setdefault("reduction", "none")
+
+    def ours(user, items):
+        return sampled_softmax_loss(user, items, target, neg, log_q=lq, target_log_q=tlq,
+                                    backend=backend, **kw)
+
+    def ref(user, items):
+        return sampled_softmax_ref(user, items, target, neg,
+                                   log_q=None if lq is None else lq.to(user.dtype),
+                                   target_log_q=None if tlq is None else tlq.to(user.dtype), **kw)
+
+    return ours, ref
+
+
+SAMPLED_CASES = [  # (B, N, d, S, per_row, in_batch, remove_hits, log_q)
+    (6, 40, 24, 9, False, True, True, True),
+    (6, 40, 24, 9, False, True, False, False),
+    (6, 40, 24, 9, False, False, True, True),
+    (5, 30, 16, 7, True, True, True, True),
+    (5, 30, 16, 7, True, False, False, True),
+    (5, 30, 16, 7, True, False, True, False),
+    (1, 3, 8, 1, False, True, True, False),
+    (3, 25, 123, 40, False, True, True, True),
+]
+
+
+@pytest.mark.parametrize("backend", ["eager"] + FUSED)
+@pytest.mark.parametrize("case", SAMPLED_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_sampled_fp32_matches_reference(backend, case):
+    b, n, d, s, per_row, in_batch, hits, with_lq = case
+    user, items, target, neg, lq, tlq, gout = make_sampled(b, n, d, s, per_row=per_row,
+                                                           log_q=with_lq)
+    ours, ref = _sampled_fn(backend, target, neg, lq, tlq, in_batch_negatives=in_batch,
+                            remove_accidental_hits=hits, temperature=0.7)
+    compare_three(ours, ref, [user, items], gout, torch.float32, f"{backend} {case}")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_sampled_half_precision(backend, dtype, per_row):
+    user, items, target, neg, lq, tlq, gout = make_sampled(8, 50, 32, 12, per_row=per_row)
+    ours, ref = _sampled_fn(backend, target, neg, lq, tlq)
+    compare_three(ours, ref, [user, items], gout, dtype, f"{backend} {dtype}")
+
+
+@pytest.mark.parametrize("backend", ["eager"] + FUSED)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_sampled_reductions(backend, reduction):
+    user, items, target, neg, lq, tlq, _ = make_sampled(5, 30, 8, 6)
+    ours, ref = _sampled_fn(backend, target, neg, lq, tlq, reduction=reduction)
+    compare_three(ours, ref, [user, items], None, torch.float32, f"{backend} {reduction}")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("per_row", [False, True])
+def test_sampled_non_contiguous_inputs(backend, per_row):
+    user, items, target, neg, lq, tlq, _ = make_sampled(5, 30, 8, 6, per_row=per_row)
+    target2 = torch.stack([target, target], 1)[:, 1]
+    neg2 = torch.stack([neg, neg], -1)[..., 0]
+    lq2 = torch.stack([lq, lq], -1)[..., 1]
+    tlq2 = torch.stack([tlq, tlq], -1)[..., 0]
+    got = sampled_softmax_loss(user.float(), items.T.contiguous().T.float(), target2, neg2,
+                               log_q=lq2.float(), target_log_q=tlq2.float(), reduction="none",
+                               backend=backend)
+    want = sampled_softmax_ref(user, items, target, neg, log_q=lq, target_log_q=tlq,
+                               reduction="none")
+    assert_close(got, want, atol=1e-5, rtol=1e-5, name="non-contiguous")
+
+
+@pytest.mark.parametrize("backend", ["eager"] + FUSED)
+def test_accidental_hits_are_removed_not_zeroed(backend):
+    """Hand-computed: row 0 and row 1 share target 3; negatives [3, 3, 5, 5]."""
+    d = 4
+    items = torch.randn(8, d, dtype=torch.float64)
+    user = torch.randn(2, d, dtype=torch.float64)
+    target = torch.tensor([3, 3])
+    neg = torch.tensor([3, 3, 5, 5])
+    z = user @ items.T
+    loss = sampled_softmax_loss(user.float(), items.float(), target, neg, reduction="none",
+                                backend=backend).double()
+    # kept candidates of each row: its positive and the two copies of item 5 (the other row's
+    # target is item 3 too, so it is removed as well)
+    want = torch.logsumexp(torch.stack([z[:, 3], z[:, 5], z[:, 5]], 1), 1) - z[:, 3]
+    assert_close(loss, want, atol=1e-5, name="removed hits")
+    zeroed = torch.logsumexp(torch.stack([z[:, 3], z[:, 5], z[:, 5], 0 * z[:, 3],
+                                          0 * z[:, 3], 0 * z[:, 3]], 1), 1) - z[:, 3]
+    assert (loss - zeroed).abs().min() > 1e-3  # replacing by a zero vector would differ
+    # without removal every copy of item 3 counts: 2 negatives + the other row's target
+    kept = sampled_softmax_loss(user.float(), items.float(), target, neg, reduction="none",
+                                remove_accidental_hits=False, backend=backend).double()
+    want_kept = torch.logsumexp(torch.stack([z[:, 3]] * 4 + [z[:, 5], z[:, 5]], 1), 1) - z[:, 3]
+    assert_close(kept, want_kept, atol=1e-5, name="hits kept")
+
+
+@pytest.mark.parametrize("backend", ["eager"] + FUSED)
+def test_log_q_semantics(backend):
+    """Shared log_q shifts each sample's logit; target_log_q shifts the positive and its in-batch
+    column for every other row."""
+    d = 4
+    items = torch.randn(6, d, dtype=torch.float64)
+    user = torch.randn(2, d, dtype=torch.float64)
+    target = torch.tensor([0, 1])
+    neg = torch.tensor([4, 5])
+    lq = torch.tensor([-1.0, -2.0], dtype=torch.float64)
+    tlq = torch.tensor([-0.5, -1.5], dtype=torch.float64)
+    z = user @ items.T
+    loss = sampled_softmax_loss(user.float(), items.float(), target, neg, log_q=lq.float(),
+                                target_log_q=tlq.float(), reduction="none",
+                                backend=backend).double()
+    row0 = torch.stack([z[0, 0] + 0.5, z[0, 4] + 1.0, z[0, 5] + 2.0, z[0, 1] + 1.5])
+    row1 = torch.stack([z[1, 1] + 1.5, z[1, 4] + 1.0, z[1, 5] + 2.0, z[1, 0] + 0.5])
+    want = torch.stack([torch.logsumexp(row0, 0) - row0[0], torch.logsumexp(row1, 0) - row1[0]])
+    assert_close(loss, want, atol=1e-5, name="log_q")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_sampled_opcheck(backend):
+    for per_row in (False, True):
+        user, items, target, neg, lq, tlq, _ = make_sampled(4, 20, 8, 5, per_row=per_row)
+        user = user.float().requires_grad_(True)
+        items = items.float().requires_grad_(True)
+        torch.library.opcheck(_sampled_softmax_fwd_op,
+                              (user, items, target, neg, lq.float(), tlq.float(), True, True,
+                               0.5, True, backend))
+
+
+def test_sampled_torch_compile_fullgraph():
+    backend = FUSED[0] if FUSED else "eager"
+    torch._dynamo.reset()
+    user, items, target, neg, lq, tlq, _ = make_sampled(5, 30, 8, 6)
+    user, items, lq, tlq = user.float(), items.float(), lq.float(), tlq.float()
+
+    def loss_fn(u, w):
+        return sampled_softmax_loss(u, w, target, neg, log_q=lq, target_log_q=tlq,
+                                    backend=backend)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="inductor")
+    got = grads_of(compiled, [user, items], None)
+    want = grads_of(loss_fn, [user, items], None)
+    for name, a, e in zip(("loss", "du", "dw"), got, want):
+        assert_close(a, e, atol=1e-6, rtol=1e-5, name=f"compiled {name}")
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_sampled_cpp_float64_exact_and_gradcheck(per_row, in_batch):
+    need_cpp(FUSED)
+    user, items, target, neg, lq, tlq, gout = make_sampled(6, 20, 5, 7, per_row=per_row)
+    ours, ref = _sampled_fn("cpp", target, neg, lq, tlq, in_batch_negatives=in_batch,
+                            temperature=0.8)
+    got = grads_of(ours, [user, items], gout)
+    want = grads_of(ref, [user, items], gout)
+    for name, a, e in zip(("loss", "du", "dw"), got, want):
+        assert a.dtype == torch.float64
+        assert_close(a, e, atol=1e-12, rtol=1e-10, name=name)
+    args = tuple(t.clone().requires_grad_(True) for t in (user, items))
+    assert torch.autograd.gradcheck(ours, args, eps=1e-6, atol=1e-7)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(b=st.integers(1, 12), n=st.integers(1, 40), d=st.integers(1, 33), s=st.integers(1, 20),
+       per_row=st.booleans(), in_batch=st.booleans(), hits=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_sampled_hypothesis(b, n, d, s, per_row, in_batch, hits, seed):
+    backend = "triton" if "triton" in FUSED else "eager"
+    user, items, target, neg, lq, tlq, gout = make_sampled(b, n, d, s, per_row=per_row,
+                                                           seed=seed)
+    ours, ref = _sampled_fn(backend, target, neg, lq, tlq, in_batch_negatives=in_batch,
+                            remove_accidental_hits=hits)
+    compare_three(ours, ref, [user, items], gout, torch.float32, f"{backend}")
+
+
+class TestSampledBadInput:
+    def args(self):
+        return torch.randn(3, 8), torch.randn(10, 8), torch.tensor([1, 2, 3]), torch.tensor([4, 5])
+
+    def test_negatives(self):
+        u, w, t, n = self.args()
+        with pytest.raises(ValueError, match="negatives"):
+            sampled_softmax_loss(u, w, t, torch.tensor([4, 10]))
+        with pytest.raises(ValueError, match="negatives"):
+            sampled_softmax_loss(u, w, t, torch.tensor([-1, 2]))
+        with pytest.raises(TypeError, match="negatives"):
+            sampled_softmax_loss(u, w, t, n.int())
+        with pytest.raises(TypeError, match="negatives"):
+            sampled_softmax_loss(u, w, t, n.float())
+        with pytest.raises(ValueError, match="S = 0"):
+            sampled_softmax_loss(u, w, t, n[:0])
+        with pytest.raises(ValueError, match="S = 0"):
+            sampled_softmax_loss(u, w, t, torch.zeros(3, 0, dtype=torch.int64))
+        with pytest.raises(ValueError, match="negatives"):
+            sampled_softmax_loss(u, w, t, torch.zeros(2, 4, dtype=torch.int64))
+        with pytest.raises(ValueError, match="negatives"):
+            sampled_softmax_loss(u, w, t, torch.zeros(3, 4, 1, dtype=torch.int64))
+
+    def test_target(self):
+        u, w, t, n = self.args()
+        with pytest.raises(ValueError, match="target"):
+            sampled_softmax_loss(u, w, torch.tensor([1, 2, 10]), n)
+        with pytest.raises(TypeError, match="target"):
+            sampled_softmax_loss(u, w, t.int(), n)
+
+    def test_log_q(self):
+        u, w, t, n = self.args()
+        with pytest.raises(ValueError, match="log_q"):
+            sampled_softmax_loss(u, w, t, n, log_q=torch.zeros(3))
+        with pytest.raises(TypeError, match="log_q"):
+            sampled_softmax_loss(u, w, t, n, log_q=torch.zeros(2, dtype=torch.int64))
+        with pytest.raises(ValueError, match="target_log_q"):
+            sampled_softmax_loss(u, w, t, n, target_log_q=torch.zeros(2))
+
+    def test_options(self):
+        u, w, t, n = self.args()
+        with pytest.raises(TypeError, match="in_batch_negatives"):
+            sampled_softmax_loss(u, w, t, n, in_batch_negatives=1)
+        with pytest.raises(TypeError, match="remove_accidental_hits"):
+            sampled_softmax_loss(u, w, t, n, remove_accidental_hits="yes")
+        with pytest.raises(ValueError, match="temperature"):
+            sampled_softmax_loss(u, w, t, n, temperature=-1.0)
+        with pytest.raises(ValueError, match="reduction"):
+            sampled_softmax_loss(u, w, t, n, reduction="batchmean")
+        with pytest.raises(ValueError, match="user"):
+            sampled_softmax_loss(u[:0], w, t[:0], n)
+        with pytest.raises(RuntimeError, match="cuda"):
+            sampled_softmax_loss(u, w, t, n, backend="cuda")
+
+
+
+# ----------------------------------------------------------------------------------------------
+# BPR-max
+# ----------------------------------------------------------------------------------------------
+def test_bpr_max_matches_formula():
+    d = 4
+    items = torch.randn(6, d, dtype=torch.float64)
+    user = torch.randn(2, d, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 0])
+    neg = torch.tensor([0, 4, 5])
+    loss = bpr_max_loss(user, items, target, neg, reg=0.5, reduction="none")
+    z = (user @ items.T).detach()
+    for b in range(2):
+        r = torch.stack([z[b, 4], z[b, 5]])  # the hit (item 0) and the other row's target: removed
+        s = torch.softmax(r, 0)
+        want = -torch.log((s * torch.sigmoid(z[b, 0] - r)).sum()) + 0.5 * (s * r * r).sum()
+        assert abs(loss[b].item() - want.item()) < 1e-10
+    loss.sum().backward()
+    assert torch.isfinite(user.grad).all()
+    with pytest.raises(ValueError, match="backend"):
+        bpr_max_loss(user, items, target, neg, backend="triton")
+
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: big shapes, true bf16 tensor-core paths
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_sampled_cuda_large(dtype, per_row):
+    torch.set_float32_matmul_precision("highest")
+    b, n, d, s = (1024, 50000, 64, 2048) if not per_row else (512, 20000, 64, 64)
+    user, items, target, neg, lq, tlq, gout = make_sampled(b, n, d, s, per_row=per_row,
+                                                           device="cuda")
+    ours, ref = _sampled_fn("triton", target, neg, lq, tlq, temperature=0.5)
+    compare_three(ours, ref, [user, items], gout, dtype, f"cuda sampled {dtype}")
+
+
+
+def test_sampled_cpp_item_gradient_is_deterministic():
+    """Shared negatives with heavily repeated ids over many chunks and threads: the C++ item
+    gradient is summed in column order, the same bits on every run."""
+    if "cpp" not in FUSED:
+        pytest.skip("C++ extension not built")
+    n = torch.get_num_threads()
+    torch.set_num_threads(8)                      # more threads than cores: varied interleaving
+    try:
+        g = torch.Generator().manual_seed(0)
+        B, N, S, d = 4096, 12, 2048, 8            # 2^18 / B = 64 columns per chunk: 32 chunks
+        user = torch.randn(B, d, generator=g)
+        items = torch.randn(N, d, generator=g)
+        target = torch.randint(0, N, (B,), generator=g)
+        neg = torch.randint(0, N, (S,), generator=g)
+        grads = []
+        for _ in range(4):
+            w = items.clone().requires_grad_()
+            sampled_softmax_loss(user, w, target, neg, backend="cpp").backward()
+            grads.append(w.grad)
+        for other in grads[1:]:
+            assert torch.equal(grads[0], other)
+    finally:
+        torch.set_num_threads(n)
+
