@@ -68,6 +68,16 @@ def _none_or(kind):
     return parse
 
 
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
 def _sep(s: str) -> str:
     return {"\\t": "\t", "tab": "\t", "comma": ",", "space": " "}.get(s, s)
 
@@ -198,7 +208,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="continue <out-dir>/last.pt: model, data and split come from it; "
                         "--steps, --lr and other run options may change")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's)")
+    g.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (None: torch's)")
     g.add_argument("--no-export", action="store_true",
                    help="skip the embedding (and faiss index) export")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -304,7 +315,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         + "%(levelname)s %(name)s: %(message)s")
     try:
         return _run(args, argv)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, TypeError, OSError, ImportError) as exc:
         if args.verbose:
             raise
         return _fail(args.command, exc)

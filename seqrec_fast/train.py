@@ -115,6 +115,10 @@ class TrainConfig:
                                             or not isinstance(self.eval_users, int)
                                             or self.eval_users < 1):
             raise ValueError(f"eval_users must be a positive int or None, got {self.eval_users!r}")
+        check_device(self.device)
+        if self.sparse_lr is not None and not (isinstance(self.sparse_lr, (int, float))
+                                               and self.sparse_lr > 0):
+            raise ValueError(f"sparse_lr must be > 0 or None, got {self.sparse_lr!r}")
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs!r}")
         if self.faiss_index not in ("flat", "ivf", "hnsw"):
@@ -144,7 +148,25 @@ class TrainConfig:
             raise ValueError(f"user_split {self.user_split!r} does not exist")
 
 
-_device = _dist.resolve_device
+def check_device(name) -> None:
+    """ValueError for a device string torch cannot parse or a CUDA device without CUDA."""
+    if name == "auto":
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") \
+            from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but no CUDA GPU is available to this torch "
+                         f"(CUDA build: {torch.version.cuda is not None}); use device='cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={name!r} but only {torch.cuda.device_count()} GPU(s) exist")
+
+
+def _device(name):
+    check_device(name)
+    return _dist.resolve_device(name)
 
 
 def model_kwargs(cfg: TrainConfig) -> dict:
@@ -829,6 +851,7 @@ def config_from_dict(raw: dict, where: str = "the checkpoint") -> TrainConfig:
     fields unknown to this version are ignored, a data file that has gone is a ValueError."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     kw = {k: v for k, v in raw.items() if k in fields}
+    kw["device"] = "auto"            # where the run trained says nothing about this machine
     for k in ("topk", "split_ratios"):
         if isinstance(kw.get(k), list):
             kw[k] = tuple(kw[k])

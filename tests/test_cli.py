@@ -43,6 +43,11 @@ def test_train_help_documents_every_flag():
     (["train", "--synthetic", "{bad"], "not valid JSON"),
     (["train", "--synthetic", '{"n_itemz": 5}'], "unknown synthetic argument"),
     (["evaluate", "missing.pt"], "checkpoint 'missing.pt' does not exist"),
+    (["train", "--device", "xyz"], "--device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    (["train", "--sparse-lr", "-1"], "--sparse-lr must be > 0"),
+    (["train", "--threads", "0"], "--threads: expected a positive integer"),
+    (["train", "--k-core", "1000"], "no interaction is left after the 1000-core filter"),
+    (["train", "--num-negatives", "0"], "--num-negatives must be >= 1"),
 ])
 def test_user_mistakes_are_one_line(tmp_path, monkeypatch, argv, match):
     monkeypatch.chdir(tmp_path)

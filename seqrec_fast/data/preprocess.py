@@ -389,9 +389,13 @@ def load_dataset(source, *, cache_dir: Optional[str] = "auto", format: str = "au
         user_split = read_user_split(user_split, inter)
     ds = preprocess(inter, meta=meta, user_split=user_split, **prep_kwargs)
     if cache is not None:
-        os.makedirs(cache_dir, exist_ok=True)
-        ds.save(cache)
-        log.info("cached the dataset to %s", cache)
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            ds.save(cache)
+            log.info("cached the dataset to %s", cache)
+        except OSError as exc:       # a read-only or missing place: the data set still loads
+            log.warning("could not cache the dataset in %s (%s); pass another cache_dir, or "
+                        "None to turn the cache off", cache_dir, exc.strerror or exc)
     return ds
 
 
