@@ -15,6 +15,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include "common/checks.h"
 #include "common/registry.h"
 #include "routing/routing_binding.h"
 #include "routing/routing_core.h"
@@ -22,11 +23,14 @@
 namespace seqrec_fast {
 namespace {
 
+using routing_binding::BackwardInputs;
 using routing_binding::check_args;
-using routing_binding::bwd_u_layout;
-using routing_binding::check_inner_stride;
+using routing_binding::check_backward_inputs;
+using routing_binding::check_forward_inputs;
+using routing_binding::ForwardInputs;
+using routing_binding::grad_u_strides;
+using routing_binding::GradStrides;
 using routing_binding::Layout;
-using routing_binding::u_layout;
 
 namespace rc = routing;
 
@@ -85,43 +89,6 @@ int64_t grain_size(int64_t K, int64_t L, int64_t d) {
   return std::max<int64_t>(1, 16384 / work);
 }
 
-void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got device ", t.device());
-}
-
-
-bool is_float_type(at::ScalarType st) {
-  return st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf;
-}
-
-at::ScalarType acc_dtype(at::ScalarType st) {
-  return st == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// mask (B, L) bool
-void check_mask(const at::Tensor& mask, int64_t B, int64_t L) {
-  check_cpu(mask, "mask");
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be a bool tensor, got ",
-              mask.scalar_type());
-  SEQREC_FAST_CHECK_SHAPE(mask, B, L);
-  check_inner_stride(mask, "mask");
-}
-
-// init_logits (B, K, L) float32 / float64, or None; returned in the accumulation dtype.
-std::optional<at::Tensor> prepare_init(const std::optional<at::Tensor>& init_opt, int64_t B,
-                                       int64_t K, int64_t L, at::ScalarType acc) {
-  if (!init_opt.has_value() || !init_opt->defined()) return std::nullopt;
-  const at::Tensor& init_logits = *init_opt;
-  check_cpu(init_logits, "init_logits");
-  TORCH_CHECK(init_logits.scalar_type() == at::kFloat || init_logits.scalar_type() == at::kDouble,
-              "init_logits must be float32 or float64, got ", init_logits.scalar_type());
-  SEQREC_FAST_CHECK_SHAPE(init_logits, B, K, L);
-  check_inner_stride(init_logits, "init_logits");
-  if (init_logits.scalar_type() == acc) return init_logits;
-  return init_logits.to(acc);
-}
-
-
 // routing_fwd_cpu(u, mask, init_logits, num_interests, iters, seq_axis) -> (v, c_last, s_last)
 //   v (B, K, d) u.dtype; c_last (B, K, L), s_last (B, K, d) float32 (float64 for float64 u).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_fwd_cpu(
@@ -131,12 +98,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_fwd_cpu(
   check_cpu(u, "u");
   TORCH_CHECK(is_float_type(u.scalar_type()),
               "u must be float32, float64, bfloat16 or float16, got ", u.scalar_type());
-  check_inner_stride(u, "u");
-  const Layout lo = u_layout(u, num_interests);
-  const int64_t B = lo.B, K = lo.K, L = lo.L, d = lo.d;
-  check_mask(mask, B, L);
   const at::ScalarType acc = acc_dtype(u.scalar_type());
-  const std::optional<at::Tensor> init = prepare_init(init_logits, B, K, L, acc);
+  const ForwardInputs in =
+      check_forward_inputs(u, mask, init_logits, num_interests, at::Device(at::kCPU), acc);
+  const Layout& lo = in.lo;
+  const std::optional<at::Tensor>& init = in.init;
+  const int64_t B = lo.B, K = lo.K, L = lo.L, d = lo.d;
 
   at::Tensor v = at::empty({B, K, d}, u.options());
   at::Tensor c_last = at::empty({B, K, L}, u.options().dtype(acc));
@@ -185,77 +152,39 @@ at::Tensor routing_bwd_cpu(const at::Tensor& grad_v_in, const std::optional<at::
   TORCH_CHECK(is_float_type(grad_v_in.scalar_type()),
               "grad_v must be float32, float64, bfloat16 or float16, got ",
               grad_v_in.scalar_type());
-  TORCH_CHECK(grad_v_in.dim() == 3, "grad_v must be (B, K, d), got shape ", grad_v_in.sizes());
-  const at::Tensor grad_v = grad_v_in.contiguous();
-  const int64_t B = grad_v.size(0), K = num_interests, d = grad_v.size(2);
-  TORCH_CHECK(grad_v.size(1) == K, "grad_v must be (B, K, d) with K = num_interests = ", K,
-              ", got shape ", grad_v.sizes());
-  check_cpu(mask, "mask");
-  TORCH_CHECK(mask.dim() == 2, "mask must be (B, L), got shape ", mask.sizes());
-  const int64_t L = mask.size(1);
-  check_mask(mask, B, L);
-  const at::ScalarType dt = grad_v.scalar_type();
-  const at::ScalarType acc = acc_dtype(dt);
-
-  const bool have_u = u_opt.has_value() && u_opt->defined();
-  Layout lo{};
-  if (have_u) {
-    const at::Tensor& u = *u_opt;
-    check_cpu(u, "u");
-    TORCH_CHECK(u.scalar_type() == dt, "u must have grad_v's dtype ", dt, ", got ",
-                u.scalar_type());
-    lo = bwd_u_layout(u, per_position, B, K, L, d);
-  }
-  TORCH_CHECK(detach || have_u, "u is required when detach is false");
-
-  at::Tensor c_last, s_last;
-  if (detach) {
-    TORCH_CHECK(c_last_opt.has_value() && c_last_opt->defined(),
-                "c_last is required when detach is true");
-    TORCH_CHECK(s_last_opt.has_value() && s_last_opt->defined(),
-                "s_last is required when detach is true");
-    c_last = *c_last_opt;
-    s_last = *s_last_opt;
-    check_cpu(c_last, "c_last");
-    check_cpu(s_last, "s_last");
-    TORCH_CHECK(c_last.scalar_type() == acc, "c_last must be ", acc, ", got ",
-                c_last.scalar_type());
-    TORCH_CHECK(s_last.scalar_type() == acc, "s_last must be ", acc, ", got ",
-                s_last.scalar_type());
-    SEQREC_FAST_CHECK_SHAPE(c_last, B, K, L);
-    SEQREC_FAST_CHECK_SHAPE(s_last, B, K, d);
-    c_last = c_last.contiguous();
-    s_last = s_last.contiguous();
-  }
-  const std::optional<at::Tensor> init =
-      detach ? std::nullopt : prepare_init(init_logits, B, K, L, acc);
+  const at::ScalarType acc = acc_dtype(grad_v_in.scalar_type());
+  const BackwardInputs in =
+      check_backward_inputs(grad_v_in, u_opt, mask, init_logits, c_last_opt, s_last_opt,
+                            num_interests, detach, per_position, at::Device(at::kCPU), acc);
+  const at::Tensor& grad_v = in.grad_v;
+  const int64_t B = in.B, K = in.K, L = in.L, d = in.d;
+  const Layout& lo = in.lo;
+  const std::optional<at::Tensor>& init = in.init;
 
   at::Tensor grad_u = per_position ? reusable_empty({L, B, K, d}, grad_v.options())
                                    : reusable_empty({B, L, d}, grad_v.options());
   if (B == 0 || grad_u.numel() == 0) return grad_u;
-  // grad_u row b: per_position out(k, l) = base + b*K*d + k*d + l*B*K*d; shared l*d.
-  const int64_t o_sb = per_position ? K * d : L * d;
-  const int64_t o_sk = per_position ? d : 0;
-  const int64_t o_sl = per_position ? B * K * d : d;
+  const GradStrides gs = grad_u_strides(per_position, B, K, L, d);
 
   const rc::Dims D = dims(K, L, d, iters, seq_axis, !per_position);
   const int64_t mask_sb = mask.stride(0);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "routing_bwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_v.scalar_type(),
+                                  "routing_bwd_cpu", [&] {
     using T = scalar_t;
     using A = rc::acc_t<T>;
     const T* gv_p = grad_v.data_ptr<T>();
     const bool* m_p = mask.data_ptr<bool>();
     T* o_p = grad_u.data_ptr<T>();
     if (detach) {
-      const A* c_p = c_last.data_ptr<A>();
-      const A* s_p = s_last.data_ptr<A>();
+      const A* c_p = in.c_last.data_ptr<A>();
+      const A* s_p = in.s_last.data_ptr<A>();
       at::parallel_for(0, B, grain_size(K, L, d), [&](int64_t b0, int64_t b1) {
         std::vector<A> ws(rc::bwd_scratch_elems<T>(D, true));
         for (int64_t b = b0; b < b1; ++b) {
           rc::routing_bwd_detached_row<T>(D, gv_p + b * K * d, m_p + b * mask_sb,
-                                          c_p + b * K * L, s_p + b * K * d, o_p + b * o_sb,
-                                          o_sk, o_sl, ws.data());
+                                          c_p + b * K * L, s_p + b * K * d, o_p + b * gs.sb,
+                                          gs.sk, gs.sl, ws.data());
         }
       });
     } else {
@@ -268,7 +197,7 @@ at::Tensor routing_bwd_cpu(const at::Tensor& grad_v_in, const std::optional<at::
         for (int64_t b = b0; b < b1; ++b) {
           rc::routing_bwd_full_row<T>(D, gv_p + b * K * d, u_p + b * lo.sb, lo.sk, lo.sl,
                                       m_p + b * mask_sb, i_p ? i_p + b * i_sb : nullptr, i_sk,
-                                      o_p + b * o_sb, o_sk, o_sl, ws.data(), idx.data());
+                                      o_p + b * gs.sb, gs.sk, gs.sl, ws.data(), idx.data());
         }
       });
     }

@@ -30,20 +30,16 @@
 namespace seqrec_fast {
 namespace {
 
+using routing_binding::BackwardInputs;
 using routing_binding::check_args;
-using routing_binding::bwd_u_layout;
-using routing_binding::check_inner_stride;
+using routing_binding::check_backward_inputs;
+using routing_binding::check_forward_inputs;
+using routing_binding::ForwardInputs;
+using routing_binding::grad_u_strides;
+using routing_binding::GradStrides;
 using routing_binding::Layout;
-using routing_binding::u_layout;
 
 namespace rk = routing_cuda;
-
-void check_on(const at::Tensor& t, const char* name, const at::Device& dev) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == dev, name, " must be on ", dev, " like the other inputs, got ",
-              t.device());
-}
-
 
 rk::DType element_type(at::ScalarType st, const char* name) {
   switch (st) {
@@ -56,30 +52,6 @@ rk::DType element_type(at::ScalarType st, const char* name) {
               " (float64 runs on the 'cpp', 'triton' and 'eager' backends)");
   return rk::DType::kFloat32;
 }
-
-// mask (B, L) bool
-void check_mask(const at::Tensor& mask, int64_t B, int64_t L, const at::Device& dev) {
-  check_on(mask, "mask", dev);
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be a bool tensor, got ",
-              mask.scalar_type());
-  SEQREC_FAST_CHECK_SHAPE(mask, B, L);
-  check_inner_stride(mask, "mask");
-}
-
-// init_logits (B, K, L) float32 / float64, or None; returned as float32.
-std::optional<at::Tensor> prepare_init(const std::optional<at::Tensor>& init_logits, int64_t B,
-                                       int64_t K, int64_t L, const at::Device& dev) {
-  if (!init_logits.has_value() || !init_logits->defined()) return std::nullopt;
-  const at::Tensor& init = *init_logits;
-  check_on(init, "init_logits", dev);
-  TORCH_CHECK(init.scalar_type() == at::kFloat || init.scalar_type() == at::kDouble,
-              "init_logits must be float32 or float64, got ", init.scalar_type());
-  SEQREC_FAST_CHECK_SHAPE(init, B, K, L);
-  check_inner_stride(init, "init_logits");
-  if (init.scalar_type() == at::kFloat) return init;
-  return init.to(at::kFloat);  // keeps stride 1 in the last dimension
-}
-
 
 int threads_from_env() {
   const char* s = std::getenv("SEQREC_FAST_ROUTING_CUDA_THREADS");
@@ -136,12 +108,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_fwd_cuda(
   TORCH_CHECK(u.is_cuda(), "u must be a CUDA tensor, got device ", u.device());
   const at::Device dev = u.device();
   const rk::DType dt = element_type(u.scalar_type(), "u");
-  check_inner_stride(u, "u");
-  const Layout lo = u_layout(u, num_interests);
-  const int64_t B = lo.B, K = lo.K, L = lo.L, d = lo.d;
-  check_mask(mask, B, L, dev);
   const c10::cuda::CUDAGuard guard(dev);
-  const std::optional<at::Tensor> init = prepare_init(init_logits, B, K, L, dev);
+  // the kernels accumulate in float32: init_logits is handed over as float32
+  const ForwardInputs in =
+      check_forward_inputs(u, mask, init_logits, num_interests, dev, at::kFloat);
+  const Layout& lo = in.lo;
+  const std::optional<at::Tensor>& init = in.init;
+  const int64_t B = lo.B, K = lo.K, L = lo.L, d = lo.d;
 
   at::Tensor v = at::empty({B, K, d}, u.options());
   at::Tensor c_last = at::empty({B, K, L}, u.options().dtype(at::kFloat));
@@ -182,48 +155,14 @@ at::Tensor routing_bwd_cuda(const at::Tensor& grad_v_in, const std::optional<at:
               grad_v_in.device());
   const at::Device dev = grad_v_in.device();
   const rk::DType dt = element_type(grad_v_in.scalar_type(), "grad_v");
-  TORCH_CHECK(grad_v_in.dim() == 3, "grad_v must be (B, K, d), got shape ", grad_v_in.sizes());
   const c10::cuda::CUDAGuard guard(dev);
-  const at::Tensor grad_v = grad_v_in.contiguous();
-  const int64_t B = grad_v.size(0), K = num_interests, d = grad_v.size(2);
-  TORCH_CHECK(grad_v.size(1) == K, "grad_v must be (B, K, d) with K = num_interests = ", K,
-              ", got shape ", grad_v.sizes());
-  check_on(mask, "mask", dev);
-  TORCH_CHECK(mask.dim() == 2, "mask must be (B, L), got shape ", mask.sizes());
-  const int64_t L = mask.size(1);
-  check_mask(mask, B, L, dev);
-  const at::ScalarType st = grad_v.scalar_type();
-
-  const bool have_u = u_opt.has_value() && u_opt->defined();
-  Layout lo{};
-  if (have_u) {
-    const at::Tensor& u = *u_opt;
-    check_on(u, "u", dev);
-    TORCH_CHECK(u.scalar_type() == st, "u must have grad_v's dtype ", st, ", got ",
-                u.scalar_type());
-    lo = bwd_u_layout(u, per_position, B, K, L, d);
-  }
-  TORCH_CHECK(detach || have_u, "u is required when detach is false");
-
-  at::Tensor c_last, s_last;
-  if (detach) {
-    TORCH_CHECK(c_last_opt.has_value() && c_last_opt->defined(),
-                "c_last is required when detach is true");
-    TORCH_CHECK(s_last_opt.has_value() && s_last_opt->defined(),
-                "s_last is required when detach is true");
-    check_on(*c_last_opt, "c_last", dev);
-    check_on(*s_last_opt, "s_last", dev);
-    TORCH_CHECK(c_last_opt->scalar_type() == at::kFloat, "c_last must be float32, got ",
-                c_last_opt->scalar_type());
-    TORCH_CHECK(s_last_opt->scalar_type() == at::kFloat, "s_last must be float32, got ",
-                s_last_opt->scalar_type());
-    SEQREC_FAST_CHECK_SHAPE(*c_last_opt, B, K, L);
-    SEQREC_FAST_CHECK_SHAPE(*s_last_opt, B, K, d);
-    c_last = c_last_opt->contiguous();
-    s_last = s_last_opt->contiguous();
-  }
-  const std::optional<at::Tensor> init =
-      detach ? std::nullopt : prepare_init(init_logits, B, K, L, dev);
+  const BackwardInputs in =
+      check_backward_inputs(grad_v_in, u_opt, mask, init_logits, c_last_opt, s_last_opt,
+                            num_interests, detach, per_position, dev, at::kFloat);
+  const at::Tensor& grad_v = in.grad_v;
+  const int64_t B = in.B, K = in.K, L = in.L, d = in.d;
+  const Layout& lo = in.lo;
+  const std::optional<at::Tensor>& init = in.init;
 
   at::Tensor grad_u = per_position ? at::empty({L, B, K, d}, grad_v.options())
                                    : at::empty({B, L, d}, grad_v.options());
@@ -231,14 +170,14 @@ at::Tensor routing_bwd_cuda(const at::Tensor& grad_v_in, const std::optional<at:
 
   rk::RoutingParams p = base_params(B, K, L, d, iters, seq_axis, !per_position, mask);
   p.grad_v = grad_v.data_ptr();
-  // grad_u row b: per_position out(k, l) = base + b*K*d + k*d + l*B*K*d; shared b*L*d + l*d.
   p.grad_u = grad_u.data_ptr();
-  p.g_sb = per_position ? K * d : L * d;
-  p.g_sk = per_position ? d : 0;
-  p.g_sl = per_position ? B * K * d : d;
+  const GradStrides gs = grad_u_strides(per_position, B, K, L, d);
+  p.g_sb = gs.sb;
+  p.g_sk = gs.sk;
+  p.g_sl = gs.sl;
   if (detach) {
-    p.c_in = c_last.data_ptr<float>();
-    p.s_in = s_last.data_ptr<float>();
+    p.c_in = in.c_last.data_ptr<float>();
+    p.s_in = in.s_last.data_ptr<float>();
     run(rk::Pass::kBackwardDetached, dt, p, dev, "routing_bwd_cuda");
   } else {
     p.u = u_opt->data_ptr();
