@@ -30,12 +30,13 @@ their summation order (not their accuracy) varies run to run on GPUs.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from ._utils import acc_dtype, fp32_dot_precision, interpreting, num_sms, pow2, tl_acc_dtype
 
 _NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so fully padded chunks never give inf - inf
 
@@ -263,29 +264,23 @@ def _attention_bwd_weights_kernel(
 # ----------------------------------------------------------------------------------------------
 # launchers
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
        torch.float64: tl.float64}
 
 
 def _numerics(dtype: torch.dtype):
     """(accumulation torch dtype, ACC, DOT_DTYPE, INPUT_PRECISION) for inputs of ``dtype``."""
-    if dtype == torch.float64:
-        return torch.float64, tl.float64, tl.float64, "ieee"
     dot = _TL[dtype]
-    if dtype == torch.bfloat16 and _interpreting():
+    if dtype == torch.bfloat16 and interpreting():
         dot = tl.float32  # the interpreter's bf16 tl.dot returns garbage (DESIGN.md)
-    prec = "ieee"
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        prec = "tf32"
-    return torch.float32, tl.float32, dot, prec
+    # fp32 dots follow torch's matmul precision; fp64 and half operands take "ieee" (ignored)
+    prec = fp32_dot_precision() if dtype == torch.float32 else "ieee"
+    return acc_dtype(dtype), tl_acc_dtype(dtype), dot, prec
 
 
-def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+def _pow2(n: int) -> int:
+    """Block size for n elements: a power of two, at least 16 (tl.dot's minimum)."""
+    return pow2(n, 16)
 
 
 def _row_blocks(L: int, D: int, DA: int):
@@ -339,12 +334,6 @@ def _attention_fwd(x: torch.Tensor, mask: torch.Tensor, w1: torch.Tensor,
     return out, probs
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def _attention_bwd(grad_out: torch.Tensor, grad_probs: Optional[torch.Tensor],
                    x: torch.Tensor, mask: torch.Tensor, w1: torch.Tensor,
                    b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
@@ -394,7 +383,7 @@ def _attention_bwd(grad_out: torch.Tensor, grad_probs: Optional[torch.Tensor],
         n_chunks = triton.cdiv(DA, block_da)
         block_m = 64 if block_d <= 64 else 32
         if dev.type == "cuda":  # enough programs to fill the GPU, each over many rows
-            target = 4 * _num_sms(dev)
+            target = 4 * num_sms(dev)
             slices = max(1, min(triton.cdiv(B, block_m), triton.cdiv(target, n_chunks * L)))
         else:
             slices = 1  # interpreter: fewer, longer programs

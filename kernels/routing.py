@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._utils import acc_dtype, pow2, tl_acc_dtype
+
 _NEG = tl.constexpr(-1.0e30)  # finite "-inf" for masked logits (no inf - inf = NaN)
 _EPS = tl.constexpr(1e-9)  # squash epsilon, as the reference
 
@@ -561,22 +563,14 @@ def _routing_bwd_kernel(gv_ptr, u_ptr, mask_ptr, init_ptr, c_ptr, s_ptr, gu_ptr,
 
 
 # ----------------------------------------------------------------------------- launchers
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _blocks(K: int, L: int, d: int, per_pos: bool, block_l: Optional[int]):
     """(BLOCK_K, BLOCK_L, BLOCK_D, ONE_CHUNK, num_warps)."""
-    BK = triton.next_power_of_2(max(K, 1))
-    BD = triton.next_power_of_2(max(d, 1))
+    BK = pow2(K)
+    BD = pow2(d)
     per_l = BK * BD if per_pos else BD
-    full = triton.next_power_of_2(max(L, 1))
+    full = pow2(L)
     if block_l is not None:  # testing hook: force a chunk size
-        BL = min(triton.next_power_of_2(block_l), full)
+        BL = min(pow2(block_l), full)
     elif not per_pos and full * per_l <= _RESIDENT_MAX:
         BL = full
     else:
@@ -613,7 +607,7 @@ def _routing_fwd(u: torch.Tensor, mask: torch.Tensor, init_logits: Optional[torc
     per_pos = u.dim() == 4
     u = u.contiguous()
     B, K, L, d, sUb, sUk, sUl = _layout(tuple(u.shape), num_interests, per_pos)
-    acc = _acc_dtype(u.dtype)
+    acc = acc_dtype(u.dtype)
     dev = u.device
     if B == 0 or L == 0 or d == 0 or K == 0:  # nothing routed: zero interests
         return (torch.zeros(B, K, d, dtype=u.dtype, device=dev),
@@ -631,7 +625,7 @@ def _routing_fwd(u: torch.Tensor, mask: torch.Tensor, init_logits: Optional[torc
     _routing_fwd_kernel[(B,)](
         u, mask_u8, init, v, c_last, s_last, blog, K, L, d, sUb, sUk, sUl,
         ITERS=int(iters), HAS_INIT=has_init, SEQ_AXIS=bool(seq_axis), PER_POS=per_pos,
-        ONE_CHUNK=one, ACC=_tl_acc(u.dtype), BLOCK_K=BK, BLOCK_L=BL, BLOCK_D=BD,
+        ONE_CHUNK=one, ACC=tl_acc_dtype(u.dtype), BLOCK_K=BK, BLOCK_L=BL, BLOCK_D=BD,
         num_warps=nw)
     return v, c_last, s_last
 
@@ -668,7 +662,7 @@ def _routing_bwd(grad_v: torch.Tensor, u: Optional[torch.Tensor], mask: torch.Te
     BK, BL, BD, one, nw = _blocks(K, L, d, per_pos, block_l)
     T = int(iters)
     if detach:
-        acc = _acc_dtype(c_last.dtype)
+        acc = acc_dtype(c_last.dtype)
         c = c_last.contiguous()
         s = s_last.contiguous()
         dummy = c
@@ -677,14 +671,14 @@ def _routing_bwd(grad_v: torch.Tensor, u: Optional[torch.Tensor], mask: torch.Te
             dummy, dummy, dummy, dummy, dummy, dummy,
             K, L, d, sUb, sUk, sUl,
             ITERS=T, HAS_INIT=False, SEQ_AXIS=bool(seq_axis), PER_POS=per_pos, DETACH=True,
-            ONE_CHUNK=one, ACC=_tl_acc(acc), BLOCK_K=BK, BLOCK_L=BL, BLOCK_D=BD, num_warps=nw)
+            ONE_CHUNK=one, ACC=tl_acc_dtype(acc), BLOCK_K=BK, BLOCK_L=BL, BLOCK_D=BD, num_warps=nw)
         return grad_u
     if u is None:
         raise ValueError("u is required when detach=False")
     u = u.contiguous()
     if tuple(u.shape) != u_shape:
         raise ValueError(f"u: expected shape {u_shape}, got {tuple(u.shape)}")
-    acc = _acc_dtype(u.dtype)
+    acc = acc_dtype(u.dtype)
     has_init = init_logits is not None
     f = dict(dtype=acc, device=dev)
     blog = torch.empty(B, T, K, L, **f)
@@ -703,5 +697,5 @@ def _routing_bwd(grad_v: torch.Tensor, u: Optional[torch.Tensor], mask: torch.Te
         blog, sall, mall, dall, gs, gb,
         K, L, d, sUb, sUk, sUl,
         ITERS=T, HAS_INIT=has_init, SEQ_AXIS=bool(seq_axis), PER_POS=per_pos, DETACH=False,
-        ONE_CHUNK=one, ACC=_tl_acc(u.dtype), BLOCK_K=BK, BLOCK_L=BL, BLOCK_D=BD, num_warps=nw)
+        ONE_CHUNK=one, ACC=tl_acc_dtype(u.dtype), BLOCK_K=BK, BLOCK_L=BL, BLOCK_D=BD, num_warps=nw)
     return grad_u

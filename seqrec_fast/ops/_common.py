@@ -14,7 +14,7 @@ from torch import Tensor
 from .. import _checks
 from .. import backend as _backend
 
-FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FLOATS = _checks.FLOAT_DTYPES  # the float inputs every op takes
 REDUCTIONS = ("mean", "sum", "none")
 
 

@@ -21,9 +21,9 @@ from torch import Tensor
 from .. import _checks, _ext
 from .. import backend as _backend
 from ..reference.attention import attention_ref, label_aware_attention_ref
+from ._common import FLOATS, acc_dtype
 
 OP = "attention"
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _kernels(backend: str):
@@ -52,10 +52,6 @@ def _kernels(backend: str):
     raise ValueError(f"no fused attention kernel for backend {backend!r}")
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("seqrec_fast::attention_fwd", mutates_args=())
 def _attention_fwd_op(seq_emb: Tensor, mask: Tensor, w1: Tensor, b1: Optional[Tensor],
                       w2: Tensor, b2: Optional[Tensor], pos_emb: Optional[Tensor],
@@ -72,7 +68,7 @@ def _(seq_emb, mask, w1, b1, w2, b2, pos_emb, backend):
     B, L, d = seq_emb.shape
     K = w2.shape[1]
     return (seq_emb.new_empty((B, K, d)),
-            seq_emb.new_empty((B, K, L), dtype=_acc_dtype(seq_emb.dtype)))
+            seq_emb.new_empty((B, K, L), dtype=acc_dtype(seq_emb.dtype)))
 
 
 @torch.library.custom_op("seqrec_fast::attention_bwd", mutates_args=())
@@ -123,7 +119,7 @@ _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _validate(seq_emb, mask, w1, b1, w2, b2, pos_emb, return_attention):
-    _checks.tensor("seq_emb", seq_emb, ndim=3, dtypes=_FLOATS)
+    _checks.tensor("seq_emb", seq_emb, ndim=3, dtypes=FLOATS)
     device, dtype = seq_emb.device, seq_emb.dtype
     B, L, d = seq_emb.shape
     if B < 1 or L < 1 or d < 1:
@@ -131,19 +127,19 @@ def _validate(seq_emb, mask, w1, b1, w2, b2, pos_emb, return_attention):
                          f"and dim >= 1, got shape {tuple(seq_emb.shape)}")
 
     def param(name, t, shape, what):
-        _checks.tensor(name, t, ndim=len(shape), dtypes=_FLOATS, device=device)
+        _checks.tensor(name, t, ndim=len(shape), dtypes=FLOATS, device=device)
         if t.dtype != dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but seq_emb has {dtype}")
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"{name} must have shape {what} = {tuple(shape)}, "
                              f"got {tuple(t.shape)}")
 
-    _checks.tensor("w1", w1, ndim=2, dtypes=_FLOATS, device=device)
+    _checks.tensor("w1", w1, ndim=2, dtypes=FLOATS, device=device)
     d_a = w1.shape[1]
     if d_a < 1:
         raise ValueError(f"w1 must have shape (dim, hidden) with hidden >= 1, got {tuple(w1.shape)}")
     param("w1", w1, (d, d_a), "(dim, hidden)")
-    _checks.tensor("w2", w2, ndim=2, dtypes=_FLOATS, device=device)
+    _checks.tensor("w2", w2, ndim=2, dtypes=FLOATS, device=device)
     K = w2.shape[1]
     if K < 1:
         raise ValueError(f"w2 must have shape (hidden, num_interests) with num_interests >= 1, "
@@ -217,8 +213,8 @@ def label_aware_attention(interests: Tensor, target_emb: Tensor, *,
     Returns the user vector (batch, dim). Eager PyTorch (a (B, K) score matrix and a gather or a
     weighted sum: nothing worth fusing).
     """
-    _checks.tensor("interests", interests, ndim=3, dtypes=_FLOATS)
-    _checks.tensor("target_emb", target_emb, ndim=2, dtypes=_FLOATS, device=interests.device)
+    _checks.tensor("interests", interests, ndim=3, dtypes=FLOATS)
+    _checks.tensor("target_emb", target_emb, ndim=2, dtypes=FLOATS, device=interests.device)
     B, K, d = interests.shape
     if K < 1 or d < 1:
         raise ValueError(f"interests must have num_interests >= 1 and dim >= 1, got shape "

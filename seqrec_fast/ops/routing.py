@@ -21,9 +21,9 @@ from torch import Tensor
 from .. import _checks, _ext
 from .. import backend as _backend
 from ..reference.routing import routing_ref
+from ._common import FLOATS, acc_dtype
 
 OP = "routing"
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _kernels(backend: str, device: torch.device):
@@ -59,7 +59,7 @@ def _dims(u: Tensor, mask: Tensor, num_interests: int):
 @_routing_fwd_op.register_fake
 def _(u, mask, init_logits, num_interests, iters, seq_axis, detach, backend):
     B, K, L, d = _dims(u, mask, num_interests)
-    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(u.dtype)
     return (u.new_empty((B, K, d)), u.new_empty((B, K, L), dtype=acc),
             u.new_empty((B, K, d), dtype=acc))
 
@@ -108,7 +108,7 @@ _routing_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _validate(seq_emb, mask, weight, num_interests, iters, bilinear, init_logits, softmax_axis,
               detach_routing):
-    _checks.tensor("seq_emb", seq_emb, ndim=3, dtypes=_FLOATS)
+    _checks.tensor("seq_emb", seq_emb, ndim=3, dtypes=FLOATS)
     device = seq_emb.device
     B, L, d = seq_emb.shape
     K = _checks.positive_int("num_interests", num_interests)
@@ -120,7 +120,7 @@ def _validate(seq_emb, mask, weight, num_interests, iters, bilinear, init_logits
     if B < 1 or L < 1 or d < 1:
         raise ValueError(f"seq_emb must have batch >= 1 (an empty batch is an error), seq_len >= 1 "
                          f"and dim >= 1, got shape {tuple(seq_emb.shape)}")
-    _checks.tensor("weight", weight, dtypes=_FLOATS, device=device)
+    _checks.tensor("weight", weight, dtypes=FLOATS, device=device)
     if weight.dtype != seq_emb.dtype:
         raise TypeError(f"weight has dtype {weight.dtype} but seq_emb has {seq_emb.dtype}")
     want = (d, d) if bilinear == "shared" else (L, K * d, d)
@@ -130,7 +130,7 @@ def _validate(seq_emb, mask, weight, num_interests, iters, bilinear, init_logits
                          f"got {tuple(weight.shape)}")
     mask = _checks.sequence_mask(mask, B, L, device)
     if init_logits is not None:
-        _checks.tensor("init_logits", init_logits, ndim=3, dtypes=_FLOATS, device=device)
+        _checks.tensor("init_logits", init_logits, ndim=3, dtypes=FLOATS, device=device)
         if tuple(init_logits.shape) != (B, K, L):
             raise ValueError(f"init_logits must have shape (batch, num_interests, seq_len) = "
                              f"{(B, K, L)}, got {tuple(init_logits.shape)}")
