@@ -69,7 +69,11 @@ def item_categories(run_dir: str) -> Optional[np.ndarray]:
 
     with open(cfg_path) as f:
         raw = json.load(f)
-    return run_dataset(config_from_dict(raw, where=cfg_path)).item_category
+    try:
+        return run_dataset(config_from_dict(raw, where=cfg_path)).item_category
+    except (ValueError, OSError) as exc:     # the data has moved: plot without colours
+        log.warning("no item categories for %s: %s", run_dir, exc)
+        return None
 
 
 def _run_data(run_dir: str) -> Optional[str]:

@@ -509,7 +509,7 @@ class Trainer:
             if stale:
                 log.warning("%s holds a previous run: starting it afresh (its %s are replaced; "
                             "use --resume to continue it instead)", self.out, ", ".join(stale))
-            for f in ("metrics.jsonl", "best.pt"):
+            for f in stale:               # a later --resume must not find the old run's state
                 if os.path.exists(os.path.join(self.out, f)):
                     os.remove(os.path.join(self.out, f))
         if self.ctx.is_main:
