@@ -465,7 +465,7 @@ class TestLabelAware:
         v, e = self.data()
         v.requires_grad_(True)
         e.requires_grad_(True)
-        out = label_aware_attention(v, e, pow=math.inf)
+        out = label_aware_attention(v, e, exponent=math.inf)
         g = torch.randn_like(out)
         gv, = torch.autograd.grad(out, v, g)
         best = torch.einsum("bkd,bd->bk", v, e).argmax(1)
@@ -480,7 +480,7 @@ class TestLabelAware:
         scores = torch.einsum("bkd,bd->bk", v, e)
         w = torch.softmax(scores ** p, dim=1)
         want = (w[:, :, None] * v).sum(1)
-        assert_close(label_aware_attention(v, e, pow=p), want, atol=1e-12, name="soft")
+        assert_close(label_aware_attention(v, e, exponent=p), want, atol=1e-12, name="soft")
         assert_close(label_aware_attention_ref(v, e, p), want, atol=1e-12, name="soft ref")
 
     @pytest.mark.parametrize("p", [1.0, 2.0])
@@ -488,14 +488,14 @@ class TestLabelAware:
         v, e = self.data(b=3, k=3, d=4)
         v.requires_grad_(True)
         e.requires_grad_(True)
-        assert torch.autograd.gradcheck(lambda a, b: label_aware_attention(a, b, pow=p), (v, e))
+        assert torch.autograd.gradcheck(lambda a, b: label_aware_attention(a, b, exponent=p), (v, e))
 
     def test_large_pow_approaches_hard(self):
         v, e = self.data(dtype=torch.float64)
         e = e * 10
         hard = label_aware_attention(v, e)
         # odd large power of positive-dominant scores: the softmax concentrates on the argmax
-        soft = label_aware_attention(v, e, pow=31)
+        soft = label_aware_attention(v, e, exponent=31)
         pos = torch.einsum("bkd,bd->bk", v, e).max(1).values > 1
         assert_close(soft[pos], hard[pos], atol=1e-6, name="pow 31")
 
@@ -503,7 +503,7 @@ class TestLabelAware:
     def test_dtypes(self, dtype):
         v, e = self.data(dtype=dtype)
         assert label_aware_attention(v, e).dtype == dtype
-        assert label_aware_attention(v, e, pow=1.0).dtype == dtype
+        assert label_aware_attention(v, e, exponent=1.0).dtype == dtype
 
     def test_bad_input(self):
         v, e = self.data()
@@ -515,12 +515,14 @@ class TestLabelAware:
             label_aware_attention(v, e[:4])
         with pytest.raises(TypeError, match="target_emb"):
             label_aware_attention(v, e.float())
-        with pytest.raises(ValueError, match="pow"):
-            label_aware_attention(v, e, pow=0)
-        with pytest.raises(ValueError, match="pow"):
-            label_aware_attention(v, e, pow=float("nan"))
-        with pytest.raises(TypeError, match="pow"):
-            label_aware_attention(v, e, pow="inf")
+        with pytest.raises(ValueError, match="exponent"):
+            label_aware_attention(v, e, exponent=0)
+        with pytest.raises(ValueError, match="exponent"):
+            label_aware_attention(v, e, exponent=float("nan"))
+        with pytest.raises(TypeError, match="exponent"):
+            label_aware_attention(v, e, exponent="inf")
+        with pytest.raises(ValueError, match="empty batch"):       # as every other op
+            label_aware_attention(v[:0], e[:0])
 
 
 class TestBackendChoice:

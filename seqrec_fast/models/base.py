@@ -173,7 +173,7 @@ class SeqRecModel(nn.Module):
         if interests.shape[1] == 1:
             return interests[:, 0]
         p = math.inf if self.readout == "hard" else self.readout_pow
-        return label_aware_attention(interests, target_emb.to(interests.dtype), pow=p)
+        return label_aware_attention(interests, target_emb.to(interests.dtype), exponent=p)
 
     def sample_negatives(self, n: int, device) -> tuple:
         """-> (ids (n,) int64 in [1, n_items), log Q (n,) float32 = log(n · P(id))), drawn with

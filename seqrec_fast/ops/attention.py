@@ -197,13 +197,13 @@ def multi_interest_attention(seq_emb: Tensor, mask: Tensor, w1: Tensor, b1: Opti
 
 
 def label_aware_attention(interests: Tensor, target_emb: Tensor, *,
-                          pow: float = float("inf")) -> Tensor:
+                          exponent: float = float("inf")) -> Tensor:
     """Label-aware readout of a user's interests for the target item (training time).
 
     Args:
       interests: (batch, num_interests, dim).
       target_emb: (batch, dim) embedding of the target item, same dtype and device.
-      pow: ``inf`` (default, ComiRec): the interest with the largest <v_k, e_target>
+      exponent: ``inf`` (default, ComiRec): the interest with the largest <v_k, e_target>
         (hard readout; ties go to the lowest k; the gradient flows into that interest and,
         through nothing else, not into target_emb). Finite p > 0 (MIND):
         Σ_k softmax_k(<v_k, e>^p)·v_k, with ``torch.pow`` as in MIND's code: p = 1 is a plain
@@ -216,6 +216,8 @@ def label_aware_attention(interests: Tensor, target_emb: Tensor, *,
     _checks.tensor("interests", interests, ndim=3, dtypes=FLOATS)
     _checks.tensor("target_emb", target_emb, ndim=2, dtypes=FLOATS, device=interests.device)
     B, K, d = interests.shape
+    if B < 1:
+        raise ValueError("interests must have batch >= 1 (an empty batch), as every op requires")
     if K < 1 or d < 1:
         raise ValueError(f"interests must have num_interests >= 1 and dim >= 1, got shape "
                          f"{tuple(interests.shape)}")
@@ -225,8 +227,8 @@ def label_aware_attention(interests: Tensor, target_emb: Tensor, *,
     if target_emb.dtype != interests.dtype:
         raise TypeError(f"target_emb has dtype {target_emb.dtype} but interests has "
                         f"{interests.dtype}")
-    if isinstance(pow, bool) or not isinstance(pow, (int, float)):
-        raise TypeError(f"pow must be a float (or inf), got {type(pow).__name__}")
-    if math.isnan(pow) or pow <= 0:
-        raise ValueError(f"pow must be > 0 (inf for the hard readout), got {pow}")
-    return label_aware_attention_ref(interests, target_emb, float(pow))
+    if isinstance(exponent, bool) or not isinstance(exponent, (int, float)):
+        raise TypeError(f"exponent must be a float (or inf), got {type(exponent).__name__}")
+    if math.isnan(exponent) or exponent <= 0:
+        raise ValueError(f"exponent must be > 0 (inf for the hard readout), got {exponent}")
+    return label_aware_attention_ref(interests, target_emb, float(exponent))

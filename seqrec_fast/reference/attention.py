@@ -41,18 +41,18 @@ def attention_ref(seq_emb: torch.Tensor, mask: torch.Tensor, w1: torch.Tensor,
 
 
 def label_aware_attention_ref(interests: torch.Tensor, target_emb: torch.Tensor,
-                              pow: float = math.inf) -> torch.Tensor:
+                              exponent: float = math.inf) -> torch.Tensor:
     """Label-aware readout of the interests for a target item.
 
     interests: (B, K, d); target_emb: (B, d). Returns the user vector (B, d).
-    pow = inf: the interest with the largest <v_k, e_target> (hard readout, ComiRec; ties go to
+    exponent = inf: the interest with the largest <v_k, e_target> (hard readout, ComiRec; ties go to
     the lowest k; the gradient flows into that interest only). Finite p: MIND's
     Σ_k softmax_k(<v_k, e>^p)·v_k with ``torch.pow`` as in MIND's code (p = 1 plain softmax;
     an even p ranks by |score|; a non-integer p needs non-negative scores, else NaN).
     """
     scores = torch.einsum("bkd,bd->bk", interests, target_emb)
-    if math.isinf(pow):
+    if math.isinf(exponent):
         idx = scores.argmax(dim=1)
         return interests[torch.arange(interests.shape[0], device=interests.device), idx]
-    w = torch.softmax(torch.pow(scores, pow), dim=1)
+    w = torch.softmax(torch.pow(scores, exponent), dim=1)
     return torch.einsum("bk,bkd->bd", w, interests)
