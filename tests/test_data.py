@@ -567,3 +567,15 @@ def test_split_options_and_ready_made_user_split(tmp_path):
                      user_split=_write(tmp_path, "bad.csv", "1,train\n2,holdout\n"))
     with pytest.raises(ValueError, match="user_split needs split='user'"):
         load_dataset(p, cache_dir=None, split="leave_last_out", user_split=split)
+
+
+def test_recbole_columnar_and_csv_module_paths_agree(tmp_path, monkeypatch):
+    p = _write(tmp_path, "mix.inter", "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+               "A2X\t007\t5\t30\nA1Y\t12\t4\t10\nA2X\t-3\t3\t20\nB\t12\t1\t5\n")
+    fast = load_recbole(p)
+    _no_pyarrow(monkeypatch)
+    slow = load_recbole(p)
+    for name in ("user", "item", "time"):
+        assert np.array_equal(getattr(fast, name), getattr(slow, name)), name
+    assert fast.user_tokens.tolist() == slow.user_tokens.tolist() == ["A1Y", "A2X", "B"]
+    assert fast.item_tokens is None and fast.item.tolist() == [7, 12, -3, 12]

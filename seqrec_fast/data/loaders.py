@@ -286,7 +286,7 @@ def _arrow_ids(col, name, path):
     if pa.types.is_integer(col.type):
         return col.to_numpy().astype(np.int64, copy=False), None
     if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
-        col = pc.cast(col, pa.string())
+        return None            # floats, dates...: tokens exactly as written, by the slow path
     if pc.any(pc.equal(pc.utf8_length(col), 0)).as_py():
         return None                               # empty tokens: reported by the slow path
     enc = col.dictionary_encode()
@@ -437,19 +437,35 @@ def load_recbole(path, *, user_field: str = "user_id", item_field: str = "item_i
     tokens remapped is logged. An empty token or a missing field is a ValueError naming the
     field (and the line)."""
     path = _check_path(path)
-    cols, rows, first = _read_table(path, "\t", True, None)
-    names = [c.split(":", 1)[0] for c in cols]
+    lines = _first_lines(path, 1)
+    if not lines:
+        raise ValueError(f"path {path!r} is empty")
+    names = [c.strip().split(":", 1)[0] for c in lines[0].split("\t")]
     if time_field is not None and time_field not in names:
         log.warning("%s: no %r field, using file order as time order", path, time_field)
         time_field = None
-    wanted = {"user": user_field, "item": item_field}
-    if time_field is not None:
-        wanted["time"] = time_field
-    vals = _columns(path, names, rows, first, wanted)
-    user, user_tokens = _to_ids(vals["user"], user_field, path, first)
-    item, item_tokens = _to_ids(vals["item"], item_field, path, first)
-    time = (_to_float(vals["time"], time_field, path, first) if time_field is not None
-            else np.arange(len(user), dtype=np.float64))
+    got = None
+    if user_field in names and item_field in names:
+        table = _arrow_table(path, "\t", True, len(names))   # the columnar fast path
+        if table is not None and table.num_columns == len(names) and table.num_rows:
+            u = _arrow_ids(table.column(names.index(user_field)), user_field, path)
+            i = _arrow_ids(table.column(names.index(item_field)), item_field, path)
+            t = (np.arange(table.num_rows, dtype=np.float64) if time_field is None
+                 else _arrow_time(table.column(names.index(time_field))))
+            if u is not None and i is not None and t is not None:
+                got = (u, i, t)
+    if got is None:                       # csv module: also the precise error path
+        cols, rows, first = _read_table(path, "\t", True, None)
+        names = [c.split(":", 1)[0] for c in cols]
+        wanted = {"user": user_field, "item": item_field}
+        if time_field is not None:
+            wanted["time"] = time_field
+        vals = _columns(path, names, rows, first, wanted)
+        got = (_to_ids(vals["user"], user_field, path, first),
+               _to_ids(vals["item"], item_field, path, first),
+               _to_float(vals["time"], time_field, path, first) if time_field is not None
+               else np.arange(len(rows), dtype=np.float64))
+    (user, user_tokens), (item, item_tokens), time = got
     for field, tok in ((user_field, user_tokens), (item_field, item_tokens)):
         if tok is not None:
             log.info("%s: remapped %d distinct %r token(s) to integer ids", path, len(tok), field)
