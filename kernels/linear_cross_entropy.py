@@ -1,7 +1,9 @@
 """Triton kernels of the full-catalog softmax cross-entropy (``linear_cross_entropy``), and the
 column-softmax kernels that the sampled softmax (``kernels/sampled_softmax.py``) imports from
-here for its shared columns: they live in this module because the full catalog is their
-general case (the sampled softmax passes gathered column ids, a lower layer never imports it).
+here for its shared columns, with the ``@triton.jit`` tile helpers its per-row kernels use
+(``_load_rows``, ``_kept``, ``_online_lse_step``, ``_store_partials``): they live in this module
+because the full catalog is their general case (the sampled softmax passes gathered column ids;
+this module never imports the sampled one).
 
 No kernel here ever materialises a (batch, columns) logits tensor. A "column" is an item row
 the softmax runs over: the whole catalog (``INDEXED=False``, column j is item j) or a list of
@@ -48,6 +50,74 @@ from ._utils import LN2, LOG2E, contiguous_rows, fp32_dot_precision, gpu_tuned, 
 
 
 # ----------------------------------------------------------------------------------------------
+# tile helpers (inlined into the kernels; the sampled softmax kernels use them too)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _load_rows(PTR, idx, stride, offs_d, imask, dmask, CAST_F32: tl.constexpr):
+    """(len(idx), BLOCK_D) tile of rows ``idx`` of a row-major matrix, 0 where masked; cast to
+    fp32 when CAST_F32 (half tiles under the interpreter, whose bf16 tl.dot is wrong)."""
+    t = tl.load(PTR + idx[:, None] * stride + offs_d[None, :],
+                mask=imask[:, None] & dmask[None, :], other=0.0)
+    if CAST_F32:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _column_ids(IDS, cols, cmask, INDEXED: tl.constexpr):
+    """Item id of each column: ``ids[c]`` for gathered candidates, else the column itself."""
+    if INDEXED:
+        wid = tl.load(IDS + cols, mask=cmask, other=0)
+    else:
+        wid = cols
+    return wid
+
+
+@triton.jit
+def _row_targets(TGT, rows, rmask, NEEDED: tl.constexpr):
+    """Target id of each row when a kernel variant reads them (else the row index, unused)."""
+    if NEEDED:
+        tgt = tl.load(TGT + rows, mask=rmask, other=-1)
+    else:
+        tgt = rows
+    return tgt
+
+
+@triton.jit
+def _kept(valid, cand_ids, tgt, cols, rows, EXCLUDE_HITS: tl.constexpr,
+          EXCLUDE_DIAG: tl.constexpr):
+    """``valid`` (rows, candidates) without the accidental hits (candidate id ``cand_ids``
+    == the row's target) and, for in-batch columns, the diagonal (column j of row j is its
+    positive)."""
+    if EXCLUDE_HITS:
+        valid = valid & (cand_ids != tgt[:, None])
+    if EXCLUDE_DIAG:
+        valid = valid & (cols[None, :] != rows[:, None])
+    return valid
+
+
+@triton.jit
+def _online_lse_step(m, l, z2):
+    """One tile of a base-2 online log-sum-exp over axis 1 of z2 (rows, columns): -> the new
+    running max, the rescale factor of the old partials, exp2(z2 - max), the new sum."""
+    m_new = tl.maximum(m, tl.max(z2, axis=1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(z2 - m_new[:, None])
+    return m_new, alpha, p, l * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def _store_partials(M_OUT, L_OUT, ACC_OUT, out, m, l, acc, rmask, offs_d, dmask, D,
+                    COMPUTE_ACC: tl.constexpr):
+    """A program's (max, sum[, acc]) partials for its rows at slots ``out`` (split * B + row)."""
+    tl.store(M_OUT + out, m, mask=rmask)
+    tl.store(L_OUT + out, l, mask=rmask)
+    if COMPUTE_ACC:
+        tl.store(ACC_OUT + out[:, None] * D + offs_d[None, :], acc,
+                 mask=rmask[:, None] & dmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
@@ -68,12 +138,8 @@ def _linear_cross_entropy_fwd_kernel(
     rmask = rows < B
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    u = tl.load(U + rows[:, None] * stride_ub + offs_d[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0.0)
-    if CAST_F32:
-        u = u.to(tl.float32)
-    if EXCLUDE_HITS:
-        tgt = tl.load(TGT + rows, mask=rmask, other=-1)
+    u = _load_rows(U, rows, stride_ub, offs_d, rmask, dmask, CAST_F32)
+    tgt = _row_targets(TGT, rows, rmask, EXCLUDE_HITS)
     m = tl.full([BLOCK_B], -1.0e30, tl.float32)  # finite "-inf": exp2 of differences stays 0/1
     l = tl.zeros([BLOCK_B], tl.float32)
     sz = tl.zeros([BLOCK_B], tl.float32)
@@ -82,43 +148,27 @@ def _linear_cross_entropy_fwd_kernel(
     for t in range(0, tiles_per_split):
         cols = col0 + t * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < C
-        if INDEXED:
-            wid = tl.load(IDS + cols, mask=cmask, other=0)
-        else:
-            wid = cols
-        w = tl.load(W + wid[:, None] * stride_wn + offs_d[None, :],
-                    mask=cmask[:, None] & dmask[None, :], other=0.0)
-        if CAST_F32:
-            w = w.to(tl.float32)
+        wid = _column_ids(IDS, cols, cmask, INDEXED)
+        w = _load_rows(W, wid, stride_wn, offs_d, cmask, dmask, CAST_F32)
         s = tl.dot(u, tl.trans(w), input_precision=PREC)  # (BLOCK_B, BLOCK_N) fp32
         if HAS_BIAS:
             s += tl.load(BIAS + wid, mask=cmask, other=0.0).to(tl.float32)[None, :]
         z2 = s * scale2
         if HAS_OFF:
-            z2 -= (tl.load(OFF + cols, mask=cmask, other=0.0).to(tl.float32) * 1.4426950408889634)[None, :]
-        valid = cmask[None, :] & rmask[:, None]
-        if EXCLUDE_HITS:
-            valid = valid & (wid[None, :] != tgt[:, None])
-        if EXCLUDE_DIAG:
-            valid = valid & (cols[None, :] != rows[:, None])
+            z2 -= (tl.load(OFF + cols, mask=cmask, other=0.0).to(tl.float32)
+                   * 1.4426950408889634)[None, :]
+        valid = _kept(cmask[None, :] & rmask[:, None], wid[None, :], tgt, cols, rows,
+                      EXCLUDE_HITS, EXCLUDE_DIAG)
         if SMOOTH:
             sz += tl.sum(tl.where(valid, s, 0.0), axis=1)
         z2 = tl.where(valid, z2, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z2, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(z2 - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
+        m, alpha, p, l = _online_lse_step(m, l, z2)
         if COMPUTE_ACC:
             acc = acc * alpha[:, None] + tl.dot(p.to(w.dtype), w, input_precision=PREC)
-        m = m_new
     out = (split_base + pid_s) * B + rows
-    tl.store(M_OUT + out, m, mask=rmask)
-    tl.store(L_OUT + out, l, mask=rmask)
+    _store_partials(M_OUT, L_OUT, ACC_OUT, out, m, l, acc, rmask, offs_d, dmask, D, COMPUTE_ACC)
     if SMOOTH:
         tl.store(SZ_OUT + out, sz, mask=rmask)
-    if COMPUTE_ACC:
-        tl.store(ACC_OUT + out[:, None] * D + offs_d[None, :], acc,
-                 mask=rmask[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -170,14 +220,8 @@ def _linear_cross_entropy_bwd_kernel(
     cmask = cols < C
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    if INDEXED:
-        wid = tl.load(IDS + cols, mask=cmask, other=0)
-    else:
-        wid = cols
-    w = tl.load(W + wid[:, None] * stride_wn + offs_d[None, :],
-                mask=cmask[:, None] & dmask[None, :], other=0.0)
-    if CAST_F32:
-        w = w.to(tl.float32)
+    wid = _column_ids(IDS, cols, cmask, INDEXED)
+    w = _load_rows(W, wid, stride_wn, offs_d, cmask, dmask, CAST_F32)
     if HAS_BIAS:
         bias = tl.load(BIAS + wid, mask=cmask, other=0.0).to(tl.float32)
     if HAS_OFF:
@@ -188,10 +232,7 @@ def _linear_cross_entropy_bwd_kernel(
     for r0 in range(0, rows_per_split, BLOCK_B):
         rows = r_start + r0 + tl.arange(0, BLOCK_B)
         rmask = rows < B
-        u = tl.load(U + rows[:, None] * stride_ub + offs_d[None, :],
-                    mask=rmask[:, None] & dmask[None, :], other=0.0)
-        if CAST_F32:
-            u = u.to(tl.float32)
+        u = _load_rows(U, rows, stride_ub, offs_d, rmask, dmask, CAST_F32)
         g = tl.load(G + rows, mask=rmask, other=0.0) * scale        # dL/ds factor per row
         lse2 = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
         s = tl.dot(u, tl.trans(w), input_precision=PREC)
@@ -200,13 +241,12 @@ def _linear_cross_entropy_bwd_kernel(
         z2 = s * scale2
         if HAS_OFF:
             z2 -= off2[None, :]
-        valid = cmask[None, :] & rmask[:, None]
         if EXCLUDE_HITS or ONEHOT:
             tgt = tl.load(TGT + rows, mask=rmask, other=-1)
-        if EXCLUDE_HITS:
-            valid = valid & (wid[None, :] != tgt[:, None])
-        if EXCLUDE_DIAG:
-            valid = valid & (cols[None, :] != rows[:, None])
+        else:
+            tgt = rows  # unused
+        valid = _kept(cmask[None, :] & rmask[:, None], wid[None, :], tgt, cols, rows,
+                      EXCLUDE_HITS, EXCLUDE_DIAG)
         dz = tl.where(valid, tl.exp2(z2 - lse2[:, None]), 0.0)
         if ONEHOT:
             dz -= tl.where(cols[None, :] == tgt[:, None], keep_target, 0.0)

@@ -21,12 +21,32 @@ import triton
 import triton.language as tl
 
 from ._utils import LOG2E, contiguous_rows, gpu_tuned, pow2
-from .linear_cross_entropy import _columns_bwd, _columns_fwd, _combine_partials, _target_logits
+from .linear_cross_entropy import (_columns_bwd, _columns_fwd, _combine_partials, _kept,
+                                   _load_rows, _online_lse_step, _row_targets, _store_partials,
+                                   _target_logits)
 
 
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
+@triton.jit
+def _row_negative_logits(u, W, NEG, LOGQ, rows, rmask, ss, S, offs_d, dmask, stride_wn,
+                         stride_neg, stride_lq, scale2, HAS_LOGQ: tl.constexpr):
+    """Samples ``ss`` of the rows' own negatives: -> ids (rows, samples), valid, the gathered
+    fp32 item rows w (rows, samples, d) with their mask, and the base-2 logits
+    z2 = (u·w / T - log_q)·log2(e) (rows, samples)."""
+    valid = rmask[:, None] & (ss < S)[None, :]
+    ids = tl.load(NEG + rows[:, None] * stride_neg + ss[None, :], mask=valid, other=0)
+    wmask = valid[:, :, None] & dmask[None, None, :]
+    w = tl.load(W + ids[:, :, None] * stride_wn + offs_d[None, None, :],
+                mask=wmask, other=0.0).to(tl.float32)
+    z2 = tl.sum(u[:, None, :] * w, axis=2) * scale2
+    if HAS_LOGQ:
+        z2 -= tl.load(LOGQ + rows[:, None] * stride_lq + ss[None, :], mask=valid,
+                      other=0.0).to(tl.float32) * 1.4426950408889634
+    return ids, valid, w, wmask, z2
+
+
 @triton.jit
 def _sampled_softmax_row_negatives_fwd_kernel(
     U, W, NEG, LOGQ, TGT,
@@ -43,39 +63,23 @@ def _sampled_softmax_row_negatives_fwd_kernel(
     rmask = rows < B
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    u = tl.load(U + rows[:, None] * stride_ub + offs_d[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    if EXCLUDE_HITS:
-        tgt = tl.load(TGT + rows, mask=rmask, other=-1)
+    u = _load_rows(U, rows, stride_ub, offs_d, rmask, dmask, True)
+    tgt = _row_targets(TGT, rows, rmask, EXCLUDE_HITS)
     m = tl.full([BLOCK_B], -1.0e30, tl.float32)  # finite "-inf": exp2 of differences stays 0/1
     l = tl.zeros([BLOCK_B], tl.float32)
     acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
     for s0 in range(0, S, BLOCK_S):
         ss = s0 + tl.arange(0, BLOCK_S)
-        valid = rmask[:, None] & (ss < S)[None, :]
-        ids = tl.load(NEG + rows[:, None] * stride_neg + ss[None, :], mask=valid, other=0)
-        w = tl.load(W + ids[:, :, None] * stride_wn + offs_d[None, None, :],
-                    mask=valid[:, :, None] & dmask[None, None, :], other=0.0).to(tl.float32)
-        z2 = tl.sum(u[:, None, :] * w, axis=2) * scale2
-        if HAS_LOGQ:
-            z2 -= tl.load(LOGQ + rows[:, None] * stride_lq + ss[None, :], mask=valid,
-                          other=0.0).to(tl.float32) * 1.4426950408889634
-        if EXCLUDE_HITS:
-            valid = valid & (ids != tgt[:, None])
+        ids, valid, w, _, z2 = _row_negative_logits(u, W, NEG, LOGQ, rows, rmask, ss, S, offs_d,
+                                                    dmask, stride_wn, stride_neg, stride_lq,
+                                                    scale2, HAS_LOGQ)
+        valid = _kept(valid, ids, tgt, ss, rows, EXCLUDE_HITS, False)
         z2 = tl.where(valid, z2, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z2, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(z2 - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
+        m, alpha, p, l = _online_lse_step(m, l, z2)
         if COMPUTE_ACC:
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * w, axis=1)
-        m = m_new
-    out = split * B + rows
-    tl.store(M_OUT + out, m, mask=rmask)
-    tl.store(L_OUT + out, l, mask=rmask)
-    if COMPUTE_ACC:
-        tl.store(ACC_OUT + out[:, None] * D + offs_d[None, :], acc,
-                 mask=rmask[:, None] & dmask[None, :])
+    _store_partials(M_OUT, L_OUT, ACC_OUT, split * B + rows, m, l, acc, rmask, offs_d, dmask, D,
+                    COMPUTE_ACC)
 
 
 @triton.jit
@@ -93,26 +97,16 @@ def _sampled_softmax_row_negatives_bwd_kernel(
     rmask = rows < B
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    u = tl.load(U + rows[:, None] * stride_ub + offs_d[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    u = _load_rows(U, rows, stride_ub, offs_d, rmask, dmask, True)
     g = tl.load(G + rows, mask=rmask, other=0.0) * scale
     lse2 = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
-    if EXCLUDE_HITS:
-        tgt = tl.load(TGT + rows, mask=rmask, other=-1)
+    tgt = _row_targets(TGT, rows, rmask, EXCLUDE_HITS)
     for s0 in range(0, S, BLOCK_S):
         ss = s0 + tl.arange(0, BLOCK_S)
-        valid = rmask[:, None] & (ss < S)[None, :]
-        ids = tl.load(NEG + rows[:, None] * stride_neg + ss[None, :], mask=valid, other=0)
-        wmask = valid[:, :, None] & dmask[None, None, :]
-        w = tl.load(W + ids[:, :, None] * stride_wn + offs_d[None, None, :],
-                    mask=wmask, other=0.0).to(tl.float32)
-        z2 = tl.sum(u[:, None, :] * w, axis=2) * scale2
-        if HAS_LOGQ:
-            z2 -= tl.load(LOGQ + rows[:, None] * stride_lq + ss[None, :], mask=valid,
-                          other=0.0).to(tl.float32) * 1.4426950408889634
-        keep = valid
-        if EXCLUDE_HITS:
-            keep = keep & (ids != tgt[:, None])
+        ids, valid, w, wmask, z2 = _row_negative_logits(u, W, NEG, LOGQ, rows, rmask, ss, S,
+                                                        offs_d, dmask, stride_wn, stride_neg,
+                                                        stride_lq, scale2, HAS_LOGQ)
+        keep = _kept(valid, ids, tgt, ss, rows, EXCLUDE_HITS, False)
         dz = tl.where(keep, tl.exp2(z2 - lse2[:, None]), 0.0) * g[:, None]
         tl.atomic_add(DW + ids[:, :, None] * stride_dw + offs_d[None, None, :],
                       dz[:, :, None] * u[:, None, :], mask=wmask)
