@@ -9,3 +9,4 @@ from .routing import bilinear_ref, routing_iterations_ref, routing_ref, squash  
 from .linear_cross_entropy import linear_cross_entropy_ref  # noqa: F401
 from .sampled_softmax import bpr_max_ref, sampled_candidates_ref, sampled_softmax_ref  # noqa: F401
 from .multi_interest_topk import multi_interest_topk_ref  # noqa: F401
+from .diverse_topk import diverse_topk_ref  # noqa: F401
