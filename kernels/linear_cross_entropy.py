@@ -241,12 +241,12 @@ def _linear_cross_entropy_bwd_kernel(
         z2 = s * scale2
         if HAS_OFF:
             z2 -= off2[None, :]
+        valid = cmask[None, :] & rmask[:, None]
         if EXCLUDE_HITS or ONEHOT:
             tgt = tl.load(TGT + rows, mask=rmask, other=-1)
         else:
             tgt = rows  # unused
-        valid = _kept(cmask[None, :] & rmask[:, None], wid[None, :], tgt, cols, rows,
-                      EXCLUDE_HITS, EXCLUDE_DIAG)
+        valid = _kept(valid, wid[None, :], tgt, cols, rows, EXCLUDE_HITS, EXCLUDE_DIAG)
         dz = tl.where(valid, tl.exp2(z2 - lse2[:, None]), 0.0)
         if ONEHOT:
             dz -= tl.where(cols[None, :] == tgt[:, None], keep_target, 0.0)
