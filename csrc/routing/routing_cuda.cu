@@ -99,8 +99,23 @@ void run(rk::Pass pass, rk::DType dt, rk::RoutingParams& p, const at::Device& de
   // the workspace goes back to the caching allocator on this stream: reuse is stream-ordered
 }
 
-// routing_fwd_cuda(u, mask, init_logits, num_interests, iters, seq_axis) -> (v, c_last, s_last)
-//   v (B, K, d) u.dtype; c_last (B, K, L), s_last (B, K, d) float32.
+// u with its layout and the (float32) init_logits, for the passes that read them: the forward
+// and the full backward.
+void set_u_and_init(rk::RoutingParams& p, const at::Tensor& u, const Layout& lo,
+                    const std::optional<at::Tensor>& init) {
+  p.u = u.data_ptr();
+  p.u_sb = lo.sb;
+  p.u_sk = lo.sk;
+  p.u_sl = lo.sl;
+  if (init) {
+    p.init = init->data_ptr<float>();
+    p.init_sb = init->stride(0);
+    p.init_sk = init->stride(1);
+  }
+}
+
+// routing_fwd_cuda: the signature and outputs of routing_fwd_cpu (routing_cpu.cpp), except
+// that c_last and s_last are always float32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_fwd_cuda(
     const at::Tensor& u, const at::Tensor& mask, const std::optional<at::Tensor>& init_logits,
     int64_t num_interests, int64_t iters, bool seq_axis) {
@@ -124,15 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_fwd_cuda(
               "routing_fwd_cuda: u must have seq_len >= 1 and dim >= 1, got shape ", u.sizes());
 
   rk::RoutingParams p = base_params(B, K, L, d, iters, seq_axis, lo.shared, mask);
-  p.u = u.data_ptr();
-  p.u_sb = lo.sb;
-  p.u_sk = lo.sk;
-  p.u_sl = lo.sl;
-  if (init) {
-    p.init = init->data_ptr<float>();
-    p.init_sb = init->stride(0);
-    p.init_sk = init->stride(1);
-  }
+  set_u_and_init(p, u, lo, init);
   p.v = v.data_ptr();
   p.c_last = c_last.data_ptr<float>();
   p.s_last = s_last.data_ptr<float>();
@@ -140,11 +147,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_fwd_cuda(
   return {v, c_last, s_last};
 }
 
-// routing_bwd_cuda(grad_v, u, mask, init_logits, c_last, s_last, num_interests, iters, seq_axis,
-//                  detach, per_position) -> grad_u
-//   grad_v (B, K, d); grad_u in grad_v's dtype: (B, L, d) shared (summed over interests) or
-//   (L, B, K, d) per_position. detach: u, init_logits unused (may be None), c_last / s_last from
-//   the forward required. Not detach: u (same dtype as grad_v) required, c_last / s_last unused.
+// routing_bwd_cuda: the signature, inputs and output of routing_bwd_cpu (routing_cpu.cpp), with
+// float32 c_last / s_last.
 at::Tensor routing_bwd_cuda(const at::Tensor& grad_v_in, const std::optional<at::Tensor>& u_opt,
                             const at::Tensor& mask, const std::optional<at::Tensor>& init_logits,
                             const std::optional<at::Tensor>& c_last_opt,
@@ -180,15 +184,7 @@ at::Tensor routing_bwd_cuda(const at::Tensor& grad_v_in, const std::optional<at:
     p.s_in = in.s_last.data_ptr<float>();
     run(rk::Pass::kBackwardDetached, dt, p, dev, "routing_bwd_cuda");
   } else {
-    p.u = u_opt->data_ptr();
-    p.u_sb = lo.sb;
-    p.u_sk = lo.sk;
-    p.u_sl = lo.sl;
-    if (init) {
-      p.init = init->data_ptr<float>();
-      p.init_sb = init->stride(0);
-      p.init_sk = init->stride(1);
-    }
+    set_u_and_init(p, *u_opt, lo, init);
     run(rk::Pass::kBackwardFull, dt, p, dev, "routing_bwd_cuda");
   }
   return grad_u;
