@@ -442,7 +442,7 @@ def compile_all(cases: List[Case], log=None) -> dict:
             if key in seen:
                 continue
             seen.add(key)
-            rows.append(_row(label, src, metadata, function))
+            rows.append(dict(_row(label, src, metadata, function), note=case.note))
         if log:
             n = sum(1 for r in rows if r["case"] == case.name)
             log(f"{case.name}: {n} kernels, {seconds[case.name]} s"
@@ -465,7 +465,8 @@ def markdown(report: dict) -> str:
             flag += " **spill**"
         if r["shared"] > SM90_SHARED_LIMIT:
             flag += " **smem>227K**"
-        lines.append(f"| {r['kernel']} | {r['case']} | {r['num_warps']} | {r['num_stages']} | "
+        case = r["case"] + (f" ({r['note']})" if r.get("note") else "")
+        lines.append(f"| {r['kernel']} | {case} | {r['num_warps']} | {r['num_stages']} | "
                      f"{blocks} | {r['regs']} | {r['spill_bytes']}{flag} | {r['shared']} | "
                      f"{r['lowering']} |")
     for case, err in report["errors"].items():
