@@ -81,6 +81,42 @@ def pick_shapes(args, device: torch.device, quick, gpu, cpu) -> list:
     return list(gpu if device.type == "cuda" else cpu)
 
 
+# One provider vocabulary for every bench/<op>.py: the eager reference, torch.compile of it, each
+# of our backends by its backend name, and "ours" = the backend `auto` picks for the device
+# (triton on CUDA, cpp on CPU). A script may add its own names (public peers: cce, liger).
+PROVIDERS = ("eager", "compile", "triton", "cuda", "cpp", "ours")
+
+
+def parse_providers(ap, text: str, device: torch.device, op: str, extra=()) -> list:
+    """--providers (a comma list) -> the providers to run, in the one vocabulary above, "ours"
+    resolved to its backend name. An unknown name is a usage error (``ap.error``); a backend
+    without a kernel for ``op`` on ``device`` (or triton on CPU outside the interpreter) is
+    left out with a note on stderr, never silently."""
+    from seqrec_fast import backend
+
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    known = PROVIDERS + tuple(extra)
+    unknown = [p for p in names if p not in known]
+    if unknown or not names:
+        ap.error(f"--providers: unknown {unknown or text!r}; choose from {', '.join(known)} "
+                 f"('ours' = {'triton' if device.type == 'cuda' else 'cpp'} on {device.type})")
+    out = []
+    for p in names:
+        if p == "ours":
+            p = "triton" if device.type == "cuda" else "cpp"
+        if p in ("triton", "cuda", "cpp"):
+            why = backend.reason_unavailable(op, p, device)
+            if why is None and p == "triton" and device.type == "cpu" \
+                    and not backend.triton_interpreting():
+                why = "triton runs on CPU only under TRITON_INTERPRET=1 (for tests, not timing)"
+            if why is not None:
+                print(f"note: provider {p!r} left out: {why}", file=sys.stderr)
+                continue
+        if p not in out:
+            out.append(p)
+    return out
+
+
 def usable_providers(providers: str, device: torch.device) -> list:
     """The comma list as a list, without ``triton`` on CPU unless the interpreter is on (it is
     for tests, not for timing)."""

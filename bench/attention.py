@@ -86,7 +86,7 @@ def main(argv=None):
         if name not in DTYPES:
             ap.error(f"--dtype: unknown {name!r} (choose from {sorted(DTYPES)})")
     shapes = _harness.pick_shapes(args, device, QUICK_SHAPES, GPU_SHAPES, CPU_SHAPES)
-    providers = _harness.usable_providers(args.providers, device)
+    providers = _harness.parse_providers(ap, args.providers, device, "attention")
     _harness.print_versions()
     if args.gpu_suite and not args.shapes:  # fp32 headline shapes + bf16 at the first one
         cases = build_cases(GPU_SHAPES, [torch.float32], device, providers,

@@ -6,8 +6,9 @@ PyTorch, torch.compile and the public peers.
     python bench/linear_cross_entropy.py --gpu-suite      # what bench/gpu_suite.sh runs
     python bench/linear_cross_entropy.py --full 4096,1000000,64 --dtype bf16
 
-Providers: eager (the reference, builds the logits), compile (torch.compile of it), ours
-(triton on CUDA, cpp on CPU), and the public peers when installed (never required):
+Providers (the vocabulary of every bench script, bench/_harness.py): eager (the reference,
+builds the logits), compile (torch.compile of it), our backends by name (triton, cuda, cpp) or
+ours (triton on CUDA, cpp on CPU), and the public peers when installed (never required):
 cut-cross-entropy (``cce``) and liger-kernel (``liger``). Columns: ms fwd+bwd (median, p20-p80),
 peak MiB above the inputs. Rows go to bench/results/linear_cross_entropy.csv.
 """
@@ -56,7 +57,6 @@ def _peers():
 def build_cases(shapes, dtype, device, providers, modes):
     cases = []
     compiled = torch.compile(linear_cross_entropy_ref, dynamic=False)
-    ours = "triton" if device.type == "cuda" else "cpp"
     peers = _peers() if device.type == "cuda" else {}
     for b, n, d in shapes:
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -72,8 +72,8 @@ def build_cases(shapes, dtype, device, providers, modes):
                 fns[p] = lambda: linear_cross_entropy_ref(user, items, target)
             elif p == "compile" and not big:
                 fns[p] = lambda: compiled(user, items, target)
-            elif p == "ours" and B.available("linear_cross_entropy", ours, device):
-                fns[ours] = lambda: linear_cross_entropy(user, items, target, backend=ours)
+            elif p in ("triton", "cuda", "cpp") and B.available(OP, p, device):
+                fns[p] = lambda p=p: linear_cross_entropy(user, items, target, backend=p)
             elif p in peers:
                 fns[p] = lambda f=peers[p]: f(user, items, target, None)
         tag = f"{b}x{n}x{d}"
@@ -95,7 +95,7 @@ def main(argv=None):
                     help="headline GPU shapes, bf16 and fp32 (bench/gpu_suite.sh)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    providers = args.providers.split(",")
+    providers = _harness.parse_providers(ap, args.providers, device, OP, extra=("cce", "liger"))
     modes = args.modes.split(",")
     shapes = _harness.pick_shapes(args, device, QUICK_SHAPES, GPU_SHAPES, CPU_SHAPES)
     if any(len(s) != SHAPE_LEN for s in shapes):

@@ -86,7 +86,7 @@ def main(argv=None):
         ap.error(f"--variants: unknown {bad}; choose from {sorted(VARIANTS)}")
     device = torch.device(args.device)
     shapes = _harness.pick_shapes(args, device, QUICK_SHAPES, GPU_SHAPES, CPU_SHAPES)
-    providers = _harness.usable_providers(args.providers, device)
+    providers = _harness.parse_providers(ap, args.providers, device, "routing")
     _harness.print_versions()
     cases = build_cases(shapes, args.variants.split(","), DTYPES[args.dtype], device, providers,
                         args.modes.split(","))

@@ -6,8 +6,9 @@ negatives, logQ correction) against eager PyTorch and torch.compile.
     python bench/sampled_softmax.py --gpu-suite      # what bench/gpu_suite.sh runs (bf16, fp32)
     python bench/sampled_softmax.py --sampled 4096,1000000,8192,64 --dtype bf16
 
-Providers: eager (the reference, builds the candidate logits), compile (torch.compile of it),
-ours (triton on CUDA, cpp on CPU). Columns: ms fwd+bwd (median, p20-p80), peak MiB above the
+Providers (the vocabulary of every bench script, bench/_harness.py): eager (the reference,
+builds the candidate logits), compile (torch.compile of it), our backends by name (triton,
+cuda, cpp) or ours (triton on CUDA, cpp on CPU). Columns: ms fwd+bwd (median, p20-p80), peak MiB above the
 inputs. Rows go to bench/results/sampled_softmax.csv.
 """
 from __future__ import annotations
@@ -36,7 +37,6 @@ QUICK_SHAPES = [(256, 8192, 512, 32)]
 def build_cases(shapes, dtype, device, providers, modes):
     cases = []
     compiled = torch.compile(sampled_softmax_ref, dynamic=False)
-    ours = "triton" if device.type == "cuda" else "cpp"
     for b, n, s, d in shapes:
         g = torch.Generator(device="cpu").manual_seed(0)
         user = (torch.randn(b, d, generator=g) * 0.3).to(device=device, dtype=dtype)
@@ -53,9 +53,9 @@ def build_cases(shapes, dtype, device, providers, modes):
                 fns[p] = lambda: sampled_softmax_ref(user, items, target, neg, **kw)
             elif p == "compile":
                 fns[p] = lambda: compiled(user, items, target, neg, **kw)
-            elif p == "ours" and B.available("sampled_softmax", ours, device):
-                fns[ours] = lambda: sampled_softmax_loss(user, items, target, neg,
-                                                         backend=ours, **kw)
+            elif p in ("triton", "cuda", "cpp") and B.available(OP, p, device):
+                fns[p] = lambda p=p: sampled_softmax_loss(user, items, target, neg,
+                                                          backend=p, **kw)
         tag = f"{b}x{n}xS{s}x{d}"
         for mode in modes:
             for p, fn in fns.items():
@@ -75,7 +75,7 @@ def main(argv=None):
                     help="headline GPU shapes, bf16 and fp32 (bench/gpu_suite.sh)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    providers = args.providers.split(",")
+    providers = _harness.parse_providers(ap, args.providers, device, OP)
     modes = args.modes.split(",")
     shapes = _harness.pick_shapes(args, device, QUICK_SHAPES, GPU_SHAPES, CPU_SHAPES)
     if any(len(s) != SHAPE_LEN for s in shapes):

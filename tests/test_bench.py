@@ -42,3 +42,17 @@ def test_bench_bad_options_are_usage_errors(tmp_path):
     assert r.returncode == 2 and "--variants: unknown" in r.stderr
     r, _ = _run("attention", "--dtype", "fp99", tmp_path=tmp_path)
     assert r.returncode == 2 and "--dtype: unknown" in r.stderr
+
+
+@pytest.mark.parametrize("script", ["routing", "attention", "linear_cross_entropy",
+                                    "sampled_softmax"])
+def test_bench_one_provider_vocabulary(tmp_path, script):
+    """Every script takes the backend names (cpp measures the C++ kernel, as 'ours' does on
+    CPU); an unknown provider is a usage error, not an empty measurement."""
+    if "cpp" not in fused_backends(script):
+        pytest.skip("the C++ extension is not built")
+    r, out = _run(script, "--quick", "--providers", "cpp", "--reps", "1", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {row["provider"] for row in csv.DictReader(open(out))} == {"cpp"}
+    r, _ = _run(script, "--quick", "--providers", "eager,fastest", tmp_path=tmp_path)
+    assert r.returncode == 2 and "--providers: unknown ['fastest']" in r.stderr, r.stderr[-2000:]
