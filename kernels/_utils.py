@@ -43,9 +43,13 @@ def pow2(n: int, lo: int = 1, hi: int = 0) -> int:
 
 
 def fp32_dot_precision() -> str:
-    """``tl.dot`` input precision for fp32 operands, following torch's matmul setting: "ieee"
-    when ``torch.get_float32_matmul_precision()`` is "highest", "tf32" otherwise."""
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    """``tl.dot`` input precision for fp32 operands, following torch's matmul setting:
+    "tf32x3" (3xTF32 on tensor cores, fp32-level error) when
+    ``torch.get_float32_matmul_precision()`` is "highest" (torch's default), "tf32" when the
+    user chose "high"/"medium". Never "ieee": on sm_90 it lowers to FMA with operand and
+    accumulator tiles in registers, which spill. The interpreter accepts "tf32x3" (its dot is a
+    plain fp32 matmul whatever the precision), so there is no interpreter special case."""
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
