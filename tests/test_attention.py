@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from _util import assert_close, assert_within_2x_eager, fused_backends
+from _util import assert_close, assert_within_2x_eager, describe_error, fused_backends
 from seqrec_fast import backend as B
 from seqrec_fast.nn.attention import MultiInterestAttention
 from seqrec_fast.ops.attention import (_attention_fwd_op, label_aware_attention,
@@ -334,6 +334,60 @@ def test_hypothesis_triton():
             assert_close(a, e, atol=1e-11, rtol=1e-9, name=f"triton {name}")
 
     check()
+
+
+# ------------------------------------------------ half-precision oracle, padding, non-finite
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_computes_half_in_fp32(dtype):
+    """attention_ref / label_aware_attention_ref on fp16/bf16 = the fp32 computation on the same
+    (rounded) inputs, cast back: values and gradients, bitwise."""
+    tensors, mask, grads = make((3, 9, 3, 16, 20), dtype)
+    half = run(ref(mask), tensors, grads)
+    full = run(ref(mask), [t.float() for t in tensors], tuple(g.float() for g in grads))
+    for name, a, e in zip(NAMES, half, full):
+        assert a.dtype == dtype, name
+        assert torch.equal(a, e.to(dtype)), f"{name}: {describe_error(a, e)}"
+    v, e = tensors[0][:, :3, :], tensors[0][:, 4, :]
+    for p in (math.inf, 1.0, 2.0):
+        got = label_aware_attention_ref(v, e, p)
+        assert got.dtype == dtype
+        assert torch.equal(got, label_aware_attention_ref(v.float(), e.float(), p).to(dtype)), p
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_fp16_logits_beyond_half_range(backend):
+    """Logits beyond fp16's 65504 (b2 = 65000 shifts them all; the softmax does not care): a
+    half-precision h·w2 + b2 overflows to inf and the softmax gives NaN; every backend (the
+    eager reference included) computes in fp32 and gets the float64 result."""
+    tensors, mask, _ = make((3, 9, 3, 16, 20))
+    tensors[3] = tensors[3] * 30       # w2: logit gaps of tens
+    tensors[4] = torch.full_like(tensors[4], 65000.0)
+    h = [t.half() for t in tensors]
+    out, att = multi_interest_attention(h[0], mask, *h[1:5], pos_emb=h[5],
+                                        return_attention=True, backend=backend)
+    assert out.dtype == att.dtype == torch.float16
+    # float64 computation on the same (fp16-rounded) inputs
+    d = [t.double() for t in h]
+    want = multi_interest_attention(d[0], mask, *d[1:5], pos_emb=d[5], return_attention=True,
+                                    backend="eager")
+    assert_close(out, want[0], atol=5e-3, rtol=2e-3, name=f"{backend} interests")
+    assert_close(att, want[1], atol=2e-3, name=f"{backend} attention")
+
+
+def test_label_aware_half_scores_beyond_half_range():
+    """Scores of ~3e2 (squared: 1e5, beyond fp16) in the soft readout, and two interests whose
+    fp16 scores would both overflow to inf in the hard one: computed in fp32 inside."""
+    v = torch.zeros(2, 3, 4, dtype=torch.float64)
+    v[:, 0, 0], v[:, 1, 0], v[:, 2, 0] = 250.0, 300.0, -100.0
+    v[:, :, 1] = torch.tensor([0.5, -0.25, 1.0], dtype=torch.float64)
+    e = torch.zeros(2, 4, dtype=torch.float64)
+    e[:, 0] = 1.0
+    for p, scale in ((2.0, 1.0), (math.inf, 400.0)):   # hard: scores 1e5, 1.2e5 overflow fp16
+        want = label_aware_attention(v, e * scale, exponent=p)
+        got = label_aware_attention(v.half(), (e * scale).half(), exponent=p)
+        assert got.dtype == torch.float16
+        assert_close(got, want, atol=1e-3, rtol=1e-3, name=f"exponent {p}")
 
 
 class TestBadInput:
