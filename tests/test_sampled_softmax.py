@@ -338,3 +338,25 @@ def test_sampled_cpp_item_gradient_is_deterministic():
     finally:
         torch.set_num_threads(n)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_sampled_eager_reference_accumulates_in_fp32(dtype, per_row):
+    """The eager oracle computes in fp32 for half inputs: each row's loss is the float64 truth
+    (of the half-rounded inputs) rounded once to the input dtype, not a sum of half-rounded
+    logits; its gradients reach the half leaves in their dtype."""
+    user, items, target, neg, lq, tlq, _ = make_sampled(64, 500, 16, 20, per_row=per_row)
+    user, items = (user * 8).to(dtype), (items * 8).to(dtype)  # logits of several hundred
+    lq, tlq = lq.to(dtype), tlq.to(dtype)
+    kw = dict(log_q=lq, target_log_q=tlq, temperature=0.5, reduction="none")
+    truth = sampled_softmax_ref(user.double(), items.double(), target, neg,
+                                **{**kw, "log_q": lq.double(), "target_log_q": tlq.double()})
+    u, w = user.clone().requires_grad_(), items.clone().requires_grad_()
+    got = sampled_softmax_ref(u, w, target, neg, **kw)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    ulp = torch.finfo(dtype).eps * truth.abs().clamp_min(1.0)
+    err = (got.double() - truth).abs()
+    assert (err <= ulp).all(), f"max err {err.max():.3e}, {int((err > ulp).sum())} rows > 1 ulp"
+    got.sum().backward()
+    assert u.grad.dtype == dtype and torch.isfinite(u.grad).all() and torch.isfinite(w.grad).all()

@@ -3,7 +3,7 @@ built on, ``sampled_candidates_ref``) and GRU4Rec's ``bpr_max_ref``.
 
 They build the (B, candidates) logits on purpose: they are the readable definition the fused
 kernels of ``seqrec_fast.ops.sampled_softmax`` are tested against (in float64), and the
-``eager`` backend (in the input dtype).
+``eager`` backend (float32 inside for fp16/bf16 inputs, the loss in the input dtype).
 
 Convention: the candidates of row b are its positive ``t_b``, the negatives (shared ``(S,)`` or
 its own ``(B, S)`` row) and, with ``in_batch_negatives``, the other rows' targets ``t_j``.
@@ -21,6 +21,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in its accumulation dtype: float32 for fp16/bf16 (differentiably), else as is."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def sampled_candidates_ref(user: torch.Tensor, items: torch.Tensor, target: torch.Tensor,
@@ -72,8 +77,11 @@ def sampled_softmax_ref(user: torch.Tensor, items: torch.Tensor, target: torch.T
 
     user: (B, d); items: (N, d); target: (B,) int64; negatives: (S,) shared or (B, S) per row,
     int64; log_q: like ``negatives`` or None; target_log_q: (B,) or None.
-    Returns loss: scalar or (B,) for ``reduction="none"``, in the input dtype.
+    Returns loss: scalar or (B,) for ``reduction="none"``, in the input dtype (computed in
+    float32 for fp16/bf16 inputs, every reduction included).
     """
+    dtype = user.dtype
+    user, items = _acc(user), _acc(items)
     logits = sampled_candidates_ref(user, items, target, negatives, log_q=log_q,
                                     target_log_q=target_log_q,
                                     in_batch_negatives=in_batch_negatives,
@@ -81,10 +89,10 @@ def sampled_softmax_ref(user: torch.Tensor, items: torch.Tensor, target: torch.T
                                     temperature=temperature)
     loss = torch.logsumexp(logits, dim=1) - logits[:, 0]
     if reduction == "mean":
-        return loss.mean()
+        return loss.mean().to(dtype)
     if reduction == "sum":
-        return loss.sum()
-    return loss
+        return loss.sum().to(dtype)
+    return loss.to(dtype)
 
 
 def bpr_max_ref(user: torch.Tensor, items: torch.Tensor, target: torch.Tensor,
@@ -93,7 +101,9 @@ def bpr_max_ref(user: torch.Tensor, items: torch.Tensor, target: torch.Tensor,
                 reduction: str = "mean") -> torch.Tensor:
     """GRU4Rec's BPR-max over the same candidates (no logQ):
     loss_b = -log Σ_j s_j σ(r_b - r_j) + reg · Σ_j s_j r_j², s = softmax of the negative scores
-    r_j (removed candidates excluded from both sums)."""
+    r_j (removed candidates excluded from both sums). float32 inside for fp16/bf16 inputs."""
+    dtype = user.dtype
+    user, items = _acc(user), _acc(items)
     logits = sampled_candidates_ref(user, items, target, negatives,
                                     in_batch_negatives=in_batch_negatives,
                                     remove_accidental_hits=remove_accidental_hits,
@@ -108,7 +118,7 @@ def bpr_max_ref(user: torch.Tensor, items: torch.Tensor, target: torch.Tensor,
     loss = -torch.log((s * torch.sigmoid(pos - negz)).sum(1) + 1e-24) + reg * (s * negz * negz).sum(1)
     loss = torch.where(any_kept, loss, torch.zeros_like(loss))
     if reduction == "mean":
-        return loss.mean()
+        return loss.mean().to(dtype)
     if reduction == "sum":
-        return loss.sum()
-    return loss
+        return loss.sum().to(dtype)
+    return loss.to(dtype)
