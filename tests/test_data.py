@@ -263,6 +263,10 @@ def test_csv_layouts_people_have(tmp_path, monkeypatch, arrow):
     nt = load_csv(_write(tmp_path, "nt.csv", "user_id,item_id,timestamp\n1,2,9\n1,3,8\n"),
                   time_col="none")
     assert nt.time.tolist() == [0, 1]
+    ml1m = load_interactions(_write(tmp_path, "ratings.dat", "1::1193::5::978300760\n"
+                                                             "2::661::3::978302109\n"))
+    assert ml1m.user.tolist() == [1, 2] and ml1m.item.tolist() == [1193, 661]
+    assert ml1m.time.tolist() == [978300760, 978302109]
 
 
 def test_csv_string_ids_survive_preprocessing(tmp_path):

@@ -115,11 +115,15 @@ def _to_float(values: Sequence[str], column: str, path: str, first_line: int) ->
         raise
 
 
-def _read_table(path: str, sep: str, header: bool, names: Optional[Sequence[str]]):
-    """-> (column names, list of rows as lists of str, first data line number, blank rows)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter=sep)
-        rows = list(reader)
+def _read_table(path: str, sep: str, header: bool, names: Optional[Sequence[str]],
+                source=None):
+    """-> (column names, list of rows as lists of str, first data line number, blank rows).
+    source: an open text stream to read instead of ``path`` (``path`` names it in messages)."""
+    if source is not None:
+        rows = list(csv.reader(source, delimiter=sep))
+    else:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f, delimiter=sep))
     blank = sum(1 for r in rows if not r or all(not c.strip() for c in r))
     if header:
         while rows and (not rows[0] or all(not c.strip() for c in rows[0])):
@@ -186,7 +190,7 @@ def _sniff_sep(path: str, line: str) -> str:
     ext = os.path.splitext(path)[1].lower()
     if ext in (".tsv", ".inter", ".data", ".tab"):
         return "\t"
-    for c in ("\t", ",", ";", "|"):
+    for c in ("\t", "::", ",", ";", "|"):
         if c in line:
             return c
     return " " if " " in line else ","
@@ -256,7 +260,7 @@ def _resolve(path, cols, header, roles):
     return pos
 
 
-def _arrow_table(path, sep, header, ncols):
+def _arrow_table(path, sep, header, ncols, source=None):
     """The file through pyarrow's multithreaded CSV reader, or None (no pyarrow, or a file it
     rejects: the csv-module path then reports the problem line by line)."""
     try:
@@ -267,7 +271,7 @@ def _arrow_table(path, sep, header, ncols):
     names = None if header else [str(i) for i in range(ncols)]
     try:
         return pacsv.read_csv(
-            path, read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 24),
+            path if source is None else source, read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 24),
             parse_options=pacsv.ParseOptions(delimiter=sep),
             convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeDecodeError) as exc:
@@ -321,7 +325,8 @@ def load_csv(path, *, user_col=None, item_col=None, time_col=None, sep: Optional
     ``item_id``/``movieId``/``item``..., ``timestamp``/``time``...); without a header: user in
     column 0, item in column 1, the timestamp in the last column when there are 3 or more.
     ``time_col="none"`` (or no timestamp column found) makes the file order the time order.
-    sep: None sniffs it (tab for .tsv/.data, else the first of tab , ; | in the first line).
+    sep: None sniffs it (tab for .tsv/.data, else the first of tab :: , ; | in the first
+    line); several characters (MovieLens-1M's ``::``) are fine.
     header: None detects it; ``names`` gives column names to a file without header.
     Ids may be integers (kept as they are) or any strings (remapped to dense ids in sorted
     token order; ``Interactions.user_tokens`` / ``item_tokens`` keep the tokens), as for
@@ -336,8 +341,8 @@ def load_csv(path, *, user_col=None, item_col=None, time_col=None, sep: Optional
         if v is not None and not (isinstance(v, str) and v) and not (
                 isinstance(v, int) and not isinstance(v, bool) and v >= 0):
             raise TypeError(f"{name} must be a column name or a 0-based index, got {v!r}")
-    if sep is not None and (not isinstance(sep, str) or len(sep) != 1):
-        raise ValueError(f"sep must be one character, got {sep!r}")
+    if sep is not None and (not isinstance(sep, str) or not sep or "\n" in sep):
+        raise ValueError(f"sep must be a non-empty str, got {sep!r}")
     lines = _first_lines(path)
     if not lines:
         raise ValueError(f"path {path!r} is empty")
@@ -353,9 +358,17 @@ def load_csv(path, *, user_col=None, item_col=None, time_col=None, sep: Optional
     if names is not None and header:
         raise ValueError("names is for a file without header (header=False)")
     pos = _resolve(path, cols, header, roles)
+    src = text = None
+    if len(sep) > 1:       # e.g. MovieLens-1M's "::": one unused character instead, in memory
+        with open(path, "rb") as f:
+            raw = f.read().replace(sep.encode(), b"\x1f")
+        sep, src, text = "\x1f", raw, raw.decode("utf-8")
     got = None
     if names is None:
-        table = _arrow_table(path, sep, header, ncols)
+        import io
+
+        table = _arrow_table(path, sep, header, ncols,
+                             None if src is None else io.BytesIO(src))
         if table is not None and table.num_columns == len(cols):
             if table.num_rows == 0:
                 raise ValueError(f"{path}: the file has no data rows")
@@ -366,7 +379,11 @@ def load_csv(path, *, user_col=None, item_col=None, time_col=None, sep: Optional
             if u is not None and i is not None and t is not None:
                 got = (u, i, t)
     if got is None:                               # csv module: also the precise error path
-        cols2, rows, first = _read_table(path, sep, header, cols if not header else None)
+        import io
+
+        cols2, rows, first = _read_table(path, sep, header, cols if not header else None,
+                                         None if text is None else io.StringIO(text,
+                                                                               newline=""))
         wanted = {r: cols[j] for r, j in pos.items() if j is not None}
         vals = _columns(path, cols2 if header else cols, rows, first, wanted)
         u = _to_ids(vals["user"], cols[pos["user"]], path, first)
