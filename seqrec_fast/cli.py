@@ -135,7 +135,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="timestamp column: a name or a 0-based index; 'none' = file order "
                         "(None: timestamp / time, or the last column of 3+; else file order)")
     g.add_argument("--sep", type=_sep, default=d.sep,
-                   help="field separator, e.g. ',' or '\\t' (None: from the extension, or "
+                   help="field separator, e.g. ',', '\\t' or '::' (None: from the extension, or "
                         "sniffed from the first line)")
     g.add_argument("--header", type=_none_or(_bool), default=d.header,
                    help="whether the first line names the columns (None: detected)")
