@@ -21,12 +21,21 @@ def evaluate(model, split, *, max_len: int, padding: str = "right", ks: Sequence
              batch_size: int = 512, retriever: str = "auto", device=None,
              max_users: Optional[int] = None, index: str = "flat", nlist: Optional[int] = None,
              nprobe: Optional[int] = None, hnsw_m: int = 32,
-             ef_search: int = 128, process_group=None) -> Dict[str, float]:
+             ef_search: int = 128, process_group=None, categories=None,
+             lam: Optional[float] = None) -> Dict[str, float]:
     """Evaluate ``model`` (``user_embeddings(history, mask) -> (B, K, d)``,
     ``item_embeddings() -> (N, d)``) on an EvalSplit. Returns {"recall@k", "ndcg@k",
     "hitrate@k"} averaged over the split's users (the first ``max_users`` when given).
     ``retriever`` is the :class:`Retriever` method; ``index``, ``nlist``, ``nprobe``, ``hnsw_m``,
     ``ef_search`` go to :class:`Retriever` (approximate faiss indexes; "flat" = exact).
+
+    categories: (n_items,) int category of every item id (< 0 = unknown), or None. Given, the
+    result also has "diversity@k" (``metrics.per_user_diversity``, ComiRec's definition).
+    lam: None for the plain top-k, or ComiRec's controllable aggregation with this λ >= 0 (needs
+    ``categories``): for each k, the per-interest top-k lists are merged into candidates and k
+    greedy picks maximise score − λ·(picked items of the same category)
+    (:meth:`Retriever.recommend_diverse`; λ = 0 is the plain merge). As in ComiRec, each k is
+    its own run (the @20 list is not a prefix of the @50 one).
 
     process_group: None, or a torch.distributed group (``"default"``) whose ranks each evaluate
     a contiguous share of the users (the model replicated on every rank); the per-user sums are
@@ -37,6 +46,17 @@ def evaluate(model, split, *, max_len: int, padding: str = "right", ks: Sequence
                                   or max_users < 1):
         raise ValueError(f"max_users must be a positive int or None, got {max_users!r}")
     n_users = split.n_users if max_users is None else min(split.n_users, max_users)
+    if lam is not None:
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 \
+                or lam == float("inf"):
+            raise ValueError(f"lam must be a finite number >= 0 or None, got {lam!r}")
+        if categories is None:
+            raise ValueError("lam (the controllable aggregation) needs the items' categories")
+    if categories is not None:
+        categories = torch.as_tensor(np.asarray(categories), dtype=torch.int64)
+        if categories.dim() != 1:
+            raise ValueError(f"categories must be a (n_items,) tensor, got shape "
+                             f"{tuple(categories.shape)}")
     group, rank, world = None, 0, 1
     sharded = getattr(model, "catalog_shard", None) is not None
     if sharded and process_group is None:
@@ -54,28 +74,43 @@ def evaluate(model, split, *, max_len: int, padding: str = "right", ks: Sequence
         topn = max(ks)
         parts = []
         if sharded:
+            if lam is not None:
+                raise ValueError("the controllable aggregation (lam) is not available for an item "
+                                 "table sharded across ranks")
             if retriever == "faiss" or index != "flat":
                 raise ValueError("a model whose item table is sharded across ranks is evaluated "
                                  "with the exact torch search (retriever='torch' or 'auto', "
                                  "index='flat')")
             parts = _evaluate_sharded(model, split, max_len, padding, ks, batch_size, device,
-                                      lo, hi, group, rank, world)
+                                      lo, hi, group, rank, world, categories)
         else:
             ret = Retriever(model.item_embeddings(), retriever, index=index, nlist=nlist,
                             nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search)
+            if categories is not None and categories.shape[0] != ret.items.shape[0]:
+                raise ValueError(f"categories must have shape (n_items,) = "
+                                 f"({ret.items.shape[0]},), got {tuple(categories.shape)}")
+            cats = None if categories is None else categories.to(device)
             for hist, mask, ptr, tgt in eval_batches(split, max_len=max_len, padding=padding,
                                                      batch_size=batch_size, device=device,
                                                      start=lo, stop=hi):
                 ue = model.user_embeddings(hist, mask)
-                recs, _ = ret.recommend(ue, topn)
-                parts.append(per_user_metrics(recs, ptr, tgt, ks))
+                if lam is None:
+                    recs, _ = ret.recommend(ue, topn)
+                    parts.append(per_user_metrics(recs, ptr, tgt, ks, categories=cats))
+                    continue
+                part = {}
+                for k in ks:                    # one aggregation run per k, as ComiRec
+                    recs, _ = ret.recommend_diverse(ue, k, cats, float(lam))
+                    part.update(per_user_metrics(recs, ptr, tgt, (k,), categories=cats))
+                parts.append(part)
     finally:
         model.train(was_training)
     if world == 1:
         return aggregate(parts)
     import torch.distributed as dist
 
-    names = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg", "hitrate")]
+    metrics = ("recall", "ndcg", "hitrate") + (("diversity",) if categories is not None else ())
+    names = [f"{m}@{k}" for k in ks for m in metrics]
     sums = torch.zeros(len(names) + 1, dtype=torch.float64)
     for p in parts:
         sums[0] += p[names[0]].shape[0]
@@ -89,7 +124,7 @@ def evaluate(model, split, *, max_len: int, padding: str = "right", ks: Sequence
 
 
 def _evaluate_sharded(model, split, max_len, padding, ks, batch_size, device, lo, hi, group,
-                      rank, world):
+                      rank, world, categories=None):
     """Exact retrieval over an item table sharded across ranks (``model.shard_catalog``): every
     rank runs the same number of batches (the lookups are collective; a rank out of users sends
     one all-padded row), the ranks' queries are all-gathered, each rank scores them against its
@@ -139,16 +174,21 @@ def _evaluate_sharded(model, split, max_len, padding, ks, batch_size, device, lo
         cand_i = torch.cat([t[mine] for t in ids_all], 1).reshape(b, -1)   # (b, K·W·topn)
         cand_s = torch.cat([t[mine] for t in sc_all], 1).reshape(b, -1)
         recs, _ = merge_topn(cand_i, cand_s, topn)
-        parts.append(per_user_metrics(recs, ptr, tgt, ks))
+        parts.append(per_user_metrics(recs, ptr, tgt, ks, categories=None if categories is None
+                                      else categories.to(recs.device)))
     return parts
 
 
-def evaluate_popularity(item_counts, split, ks: Sequence[int] = (20, 50)) -> Dict[str, float]:
+def evaluate_popularity(item_counts, split, ks: Sequence[int] = (20, 50),
+                        categories=None) -> Dict[str, float]:
     """Most-popular baseline: everyone gets the items with the highest training counts.
-    item_counts: (n_items,) with index 0 = padding."""
+    item_counts: (n_items,) with index 0 = padding; categories: as :func:`evaluate` (adds
+    "diversity@k")."""
     counts = torch.as_tensor(np.asarray(item_counts), dtype=torch.float64).clone()
     counts[0] = -1
     top = counts.topk(max(ks)).indices
     recs = top[None, :].expand(split.n_users, -1)
+    cats = None if categories is None else torch.as_tensor(np.asarray(categories),
+                                                           dtype=torch.int64)
     return aggregate([per_user_metrics(recs, torch.as_tensor(split.tgt_indptr),
-                                       torch.as_tensor(split.tgt_items), ks)])
+                                       torch.as_tensor(split.tgt_items), ks, categories=cats)])

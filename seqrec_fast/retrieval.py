@@ -18,7 +18,7 @@ import torch
 
 log = logging.getLogger("seqrec_fast.retrieval")
 
-RETRIEVERS = ("auto", "torch", "faiss")
+RETRIEVERS = ("auto", "fused", "torch", "faiss")
 INDEXES = ("flat", "ivf", "hnsw")
 # faiss' k-means asks for at least this many training points per centroid
 IVF_MIN_POINTS_PER_LIST = 39
@@ -97,11 +97,16 @@ class Retriever:
     """Top-N inner-product search over an item table.
 
     item_emb: (n_items, d) with row 0 = padding (never returned; faiss id i is item i+1).
-    method: "torch" (exact, matmul + topk in chunks), "faiss", "auto" (faiss when importable,
-    else torch, saying so once in the log).
+    method:
+      "fused": exact, ``seqrec_fast.ops.multi_interest_topk`` — the top-N by max over a user's
+        interests straight from the item table (C++ on CPU, Triton on GPU), never a
+        (users, n_items) score block; ties go to the smaller id.
+      "torch": exact, per-interest matmul + topk in chunks, then the merge (a plain reference).
+      "faiss": a faiss index (below), per-interest search, then the merge.
+      "auto": "fused" for index="flat"; faiss for an approximate index (the fused exact search
+        when faiss is not installed, saying so once in the log).
 
-    index (faiss only; "torch" takes "flat" only, anything else is a ValueError; "auto" without
-    faiss falls back to the exact torch path and says so once):
+    index ("fused"/"torch" take "flat" only, anything else is a ValueError):
 
     - "flat": ``IndexFlatIP``, exact. GPU index when faiss has GPU support and ``use_gpu``.
     - "ivf": ``IndexIVFFlat`` (inner product), its coarse quantizer trained with k-means on the
@@ -139,9 +144,9 @@ class Retriever:
         hnsw_m = _opt_int("hnsw_m", hnsw_m, 2, allow_none=False)
         ef_search = _opt_int("ef_search", ef_search, 1, allow_none=False)
         ef_construction = _opt_int("ef_construction", ef_construction, 1, allow_none=False)
-        if method == "torch" and index != "flat":
+        if method in ("torch", "fused") and index != "flat":
             raise ValueError(f"index={index!r} needs faiss (method='faiss' or 'auto'); "
-                             "method='torch' is the exact search, use index='flat' with it")
+                             f"method={method!r} is an exact search, use index='flat' with it")
         n_real = item_emb.shape[0] - 1
         if index != "flat" and n_real < 1:
             raise ValueError(f"index={index!r} needs at least one real item (item_emb rows "
@@ -150,22 +155,22 @@ class Retriever:
             raise ValueError(f"nlist must be <= the number of real items ({n_real}) so that the "
                              f"IVF quantizer can be trained, got {nlist}")
         if method == "auto":
-            if faiss_available():
+            if index == "flat":
+                method = "fused"
+            elif faiss_available():
                 method = "faiss"
             else:
-                method = "torch"
-                _say_once("faiss is not installed: retrieval uses the exact torch matmul+topk "
-                          "path (pip install 'seqrec_fast[faiss]' for faiss)")
-                if index != "flat":
-                    _say_once(f"faiss is not installed: index={index!r} is ignored, the search "
-                              "is exact", logging.WARNING)
-                    index = "flat"
+                method = "fused"
+                _say_once(f"faiss is not installed: index={index!r} is ignored, the search is "
+                          "exact (pip install 'seqrec_fast[faiss]' for faiss)", logging.WARNING)
+                index = "flat"
         elif method == "faiss" and not faiss_available():
             raise RuntimeError("method='faiss' but faiss is not installed "
                                "(pip install 'seqrec_fast[faiss]')")
         self.method = method
         self.index_type = index
         self.items = item_emb.detach().float()
+        self._real_rows = None
         self.chunk_elems = chunk_elems
         self.index = None
         self.on_gpu = False
@@ -241,6 +246,8 @@ class Retriever:
             ids = (ids + 1).masked_fill(missing, -1)
             sc = sc.masked_fill(missing, float("-inf"))
             return ids.to(queries.device), sc.to(queries.device)
+        if self.method == "fused":
+            return self._fused(queries.detach().float()[:, None, :], k)
         items = self.items.to(queries.device)[1:]
         q = queries.detach().float()
         step = max(1, self.chunk_elems // max(n_real, 1))
@@ -257,16 +264,66 @@ class Retriever:
 
     def recommend(self, user_emb: torch.Tensor, topn: int):
         """user_emb: (B, K, d) -> merged recommendations (B, topn) int64 (-1 = none), scores."""
-        if not isinstance(user_emb, torch.Tensor) or user_emb.dim() != 3:
-            raise ValueError(f"user_emb must be (batch, K, d), got "
-                             f"{getattr(user_emb, 'shape', type(user_emb))}")
+        self._check_users(user_emb)
         B, K, d = user_emb.shape
-        if d != self.items.shape[1]:
-            raise ValueError(f"user_emb dim {d} != item_emb dim {self.items.shape[1]}")
+        if self.method == "fused":
+            return self._fused(user_emb.detach().float(), topn)
         ids, sc = self.search(user_emb.reshape(B * K, d), topn)
         if K == 1:
             return merge_topn(ids, sc, topn) if ids.shape[1] < topn else (ids, sc)
         return merge_topn(ids.reshape(B, -1), sc.reshape(B, -1), topn)
+
+    def candidates(self, user_emb: torch.Tensor, topn: int):
+        """ComiRec's candidate pool for the controllable aggregation: every interest's top-topn
+        list, merged by score and de-duplicated (an item keeps its best score).
+        user_emb: (B, K, d) -> ids (B, K·topn) int64 (-1 = none), scores float32, best first."""
+        self._check_users(user_emb)
+        B, K, d = user_emb.shape
+        if self.method == "fused":
+            from .ops.diverse_topk import interest_candidates
+
+            ids, sc = interest_candidates(user_emb.detach().float(), self._real(user_emb.device),
+                                          topn)[::-1]
+            return (ids + 1).masked_fill(ids < 0, -1), sc
+        ids, sc = self.search(user_emb.reshape(B * K, d), topn)
+        return merge_topn(ids.reshape(B, -1), sc.reshape(B, -1), K * ids.shape[1])
+
+    def recommend_diverse(self, user_emb: torch.Tensor, topn: int, categories: torch.Tensor,
+                          lam: float):
+        """ComiRec's controllable aggregation: from :meth:`candidates`, topn greedy picks each
+        maximising score − lam·(picked items of its category) (``seqrec_fast.ops.diverse_topk``;
+        lam = 0 is the plain merge). user_emb: (B, K, d), categories: (n_items,) int64 (< 0 =
+        unknown: never picked) -> ids (B, topn) int64 (-1 = none), scores float32."""
+        from .ops.diverse_topk import diverse_topk
+
+        ids, sc = self.candidates(user_emb, topn)
+        cats = torch.as_tensor(categories).to(device=ids.device, dtype=torch.int64)
+        if cats.dim() != 1 or cats.shape[0] != self.items.shape[0]:
+            raise ValueError(f"categories must have shape (n_items,) = ({self.items.shape[0]},), "
+                             f"got {tuple(cats.shape)}")
+        out_s, out_i = diverse_topk(sc, ids, cats, topn, lam)
+        return out_i, out_s.float()
+
+    def _check_users(self, user_emb):
+        if not isinstance(user_emb, torch.Tensor) or user_emb.dim() != 3:
+            raise ValueError(f"user_emb must be (batch, K, d), got "
+                             f"{getattr(user_emb, 'shape', type(user_emb))}")
+        if user_emb.shape[2] != self.items.shape[1]:
+            raise ValueError(f"user_emb dim {user_emb.shape[2]} != item_emb dim "
+                             f"{self.items.shape[1]}")
+
+    def _real(self, device) -> torch.Tensor:
+        """The real items' rows (ids 1..) on ``device``, fp32."""
+        if self._real_rows is None or self._real_rows.device != torch.device(device):
+            self._real_rows = self.items.to(device)[1:]
+        return self._real_rows
+
+    def _fused(self, users: torch.Tensor, k: int):
+        """users (B, K, d) fp32 -> ids (B, k) int64 (item ids, -1 = none), scores (B, k)."""
+        from .ops.multi_interest_topk import multi_interest_topk
+
+        sc, ix = multi_interest_topk(users, self._real(users.device), k)
+        return (ix + 1).masked_fill(ix < 0, -1), sc
 
     def save(self, path: str) -> None:
         """Write the faiss index (faiss only; any index type, a GPU index is copied to the CPU

@@ -184,7 +184,7 @@ def test_auto_without_faiss_falls_back_to_exact(monkeypatch, caplog):
     ev._said.clear()
     with caplog.at_level(logging.INFO, logger="seqrec_fast.retrieval"):
         r = Retriever(torch.randn(20, 4), "auto", index="ivf")
-    assert r.method == "torch" and r.index_type == "flat"
+    assert r.method == "fused" and r.index_type == "flat"
     assert "index='ivf' is ignored" in caplog.text
 
 
