@@ -7,7 +7,8 @@ controllable aggregation (diverse_topk).
     python bench/retrieval.py --shapes 1024,4,100000,64,50 --providers torch,ours
 
 Providers of the top-n step (variant "topn", all exact):
-  ours    multi_interest_topk (C++ on CPU, Triton on GPU): tiles + running top-n
+  ours    multi_interest_topk with the backend auto picks (cpp on CPU, triton on GPU); the
+          backend names cpp / triton pick one explicitly
   torch   chunks of users: matmul (chunk·K, N), topk per interest, merge by score, de-duplicate
   torch-max  chunks of users: matmul, max over interests, topk
   faiss   IndexFlatIP over the items (built outside the timing) searched with the U·K interest
@@ -114,8 +115,10 @@ def build_cases(shapes, dtypes, device, providers, quick):
             tag = "x".join(map(str, shape))
             fns = {}
             for p in providers:
-                if p == "ours":
-                    fns[p] = lambda q=q, it=items, n=n: multi_interest_topk(q, it, n)
+                if p in ("ours", "cpp", "triton", "cuda"):
+                    be = "auto" if p == "ours" else p
+                    fns[p] = lambda q=q, it=items, n=n, be=be: multi_interest_topk(q, it, n,
+                                                                                   backend=be)
                 elif p == "torch":
                     fns[p] = lambda q=q, it=items, n=n: torch_topn(q, it, n)
                 elif p == "torch-max":
@@ -128,12 +131,17 @@ def build_cases(shapes, dtypes, device, providers, quick):
             for p, fn in fns.items():
                 cases.append(_harness.Case(p, "fwd", tag, _harness.no_grad(fn), variant="topn",
                                            dtype=dname))
-            if "ours" in providers:
+            ours = [p for p in providers if p in ("ours", "cpp", "triton")]
+            if ours:
                 cs, ci = multi_interest_topk(q, items, 2 * n)
                 lam = 0.5
-                cases.append(_harness.Case(
-                    "ours", "fwd", tag, lambda cs=cs, ci=ci, n=n: diverse_topk(cs, ci, cats, n, lam),
-                    variant="aggregate", dtype=dname))
+                for p in ours:
+                    be = "auto" if p == "ours" else p
+                    cases.append(_harness.Case(
+                        p, "fwd", tag,
+                        lambda cs=cs, ci=ci, n=n, be=be: diverse_topk(cs, ci, cats, n, lam,
+                                                                      backend=be),
+                        variant="aggregate", dtype=dname))
                 if quick:
                     cases.append(_harness.Case(
                         "eager", "fwd", tag,
@@ -173,15 +181,23 @@ def main(argv=None):
                 ap.error(f"--shapes: want U,K,N,d,n, got {s!r}")
     shapes = GPU_SHAPES if args.gpu_suite and not args.shapes else \
         _harness.pick_shapes(args, device, QUICK_SHAPES, GPU_SHAPES, CPU_SHAPES)
-    providers = _harness.usable_providers(args.providers, device)
+    extra = ("torch", "torch-max", "faiss")
+    if hasattr(_harness, "parse_providers"):   # the shared provider vocabulary
+        providers = _harness.parse_providers(ap, args.providers, device, "multi_interest_topk",
+                                             extra=extra)
+    else:
+        providers = _harness.usable_providers(args.providers, device)
+        unknown = [p for p in providers if p not in ("eager", "ours", "cpp", "triton") + extra]
+        if unknown:
+            ap.error(f"--providers: unknown {unknown}")
     _harness.print_versions()
     check_exact(shapes[0], device)
     cases = build_cases(shapes, [DTYPES[n] for n in dtype_names], device, providers, args.quick)
     _harness.run_cases("retrieval", cases, device, baseline=("torch", "eager"),
                        csv_path=args.csv, reps=3 if args.quick else args.reps)
     for c in cases:   # the aggregation's cost next to the top-n step it follows
-        if c.variant == "aggregate" and c.provider == "ours" and "ms" in c.result:
-            top = [t for t in cases if t.variant == "topn" and t.provider == "ours"
+        if c.variant == "aggregate" and c.provider != "eager" and "ms" in c.result:
+            top = [t for t in cases if t.variant == "topn" and t.provider == c.provider
                    and t.shape == c.shape and t.dtype == c.dtype and "ms" in t.result]
             if top:
                 print(f"aggregate/top-n time at {c.shape} {c.dtype}: "

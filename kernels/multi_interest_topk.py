@@ -14,7 +14,8 @@ candidate above its n-th best key: the running keys and the tile's keys are join
 -inf; -inf keys decode to id -1 / score -inf (the padding of users with fewer than n items).
 
 Under TRITON_INTERPRET=1 bf16 ``tl.dot`` is broken, so bf16 operands are cast to fp32 there
-(DOT_DTYPE). fp32 dots follow ``torch.get_float32_matmul_precision()``.
+(DOT_DTYPE). fp32 dots follow ``torch.get_float32_matmul_precision()``: tf32 when the user
+allowed it, else 3xTF32 on GPUs (fp32-level error; plain "ieee" lowers to FMA on sm_90).
 """
 from __future__ import annotations
 
@@ -116,11 +117,18 @@ def _multi_interest_topk_fwd(interests: torch.Tensor, items: torch.Tensor, n: in
     m8 = interest_mask.contiguous().view(torch.uint8) if interest_mask is not None else q
     ex = exclude.contiguous() if exclude is not None else ids
     E = exclude.shape[1] if exclude is not None else 0
-    kwargs = {} if interp else {"num_warps": 8 if block_u * block_t >= 4096 else 4}
+    # sm_90 compile check (bench/sm90_report.py): fp32 (3xTF32) spills with 3 stages, not 2
+    kwargs = {} if interp else {"num_warps": 8 if block_u * block_t >= 4096 else 4,
+                                "num_stages": 2 if dot == tl.float32 else 3}
+    prec = "ieee"   # ignored by bf16/fp16 dots
+    if dot == tl.float32:
+        # "ieee" fp32 dots lower to FMA with spills on sm_90 (DESIGN.md): 3xTF32 there instead
+        prec = _utils.fp32_dot_precision()
+        if prec == "ieee" and not interp:
+            prec = "tf32x3"
     _multi_interest_topk_fwd_kernel[(triton.cdiv(U, block_u),)](
         q, it, m8, ex, scores, ids, U, K, N, D, E, n,
         HAS_MASK=interest_mask is not None, HAS_EX=exclude is not None,
         BLOCK_U=block_u, BLOCK_T=block_t, BLOCK_D=block_d,
-        DOT_DTYPE=dot, INPUT_PRECISION=_utils.fp32_dot_precision() if dot == tl.float32
-        else "ieee", **kwargs)
+        DOT_DTYPE=dot, INPUT_PRECISION=prec, **kwargs)
     return scores, ids

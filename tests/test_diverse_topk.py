@@ -198,3 +198,13 @@ def test_bad_inputs():
         f(s, ids, cats, 3, float("inf"))
     with pytest.raises(TypeError, match="lam"):
         f(s, ids, cats, 3, "0.1")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lam", LAMS)
+def test_cuda_triton_against_literal_loop(lam):
+    for levels in (None, 4):
+        s, ids, cats = make(9, 100, 300, 6, levels=levels)
+        want = diverse_topk_ref(s, ids, cats, 30, lam)
+        got = diverse_topk(s.cuda(), ids.cuda(), cats.cuda(), 30, lam, backend="triton")
+        assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[0].cpu(), want[0])

@@ -262,3 +262,18 @@ def test_bad_inputs():
         f(q, it, 3, exclude=torch.tensor([[-2], [0]]))
     with pytest.raises(ValueError, match="backend"):
         f(q, it, 3, backend="fast")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + BIG_SHAPES)
+def test_cuda_triton_exact(dtype, shape):
+    q, it, mask, ex = make(shape, exclude_e=3)
+    want_s, want_i = multi_interest_topk_ref(q.double(), it.double(), shape[-1],
+                                             interest_mask=mask, exclude=ex)
+    s, i = multi_interest_topk(q.to("cuda", dtype), it.to("cuda", dtype), shape[-1],
+                               interest_mask=mask.cuda(), exclude=ex.cuda(), backend="triton")
+    assert torch.equal(i.cpu(), want_i) and torch.equal(s.cpu().double(), want_s)
+    s, i = multi_interest_topk(q.to("cuda", dtype), it.to("cuda", dtype), shape[-1])
+    want_s, want_i = multi_interest_topk_ref(q.double(), it.double(), shape[-1])
+    assert torch.equal(i.cpu(), want_i)

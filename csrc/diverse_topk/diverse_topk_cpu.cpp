@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -48,7 +49,9 @@ std::vector<at::Tensor> diverse_topk_fwd_cpu(const at::Tensor& scores, const at:
   int64_t* oip = out_i.data_ptr<int64_t>();
   constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
-  at::parallel_for(0, U, 16, [&](int64_t u_begin, int64_t u_end) {
+  // about 2^16 candidate visits per task at least: small batches stay on one thread
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, n * M));
+  at::parallel_for(0, U, grain, [&](int64_t u_begin, int64_t u_end) {
     std::vector<int64_t> live;   // positions of the live candidates, in list order
     std::vector<int32_t> cnt(M);  // picked items of each candidate's category
     for (int64_t u = u_begin; u < u_end; ++u) {

@@ -122,8 +122,10 @@ def multi_interest_topk(interests: Tensor, items: Tensor, n: int, *,
     hold a score above the max). (3) Any item of the merge outside the true top-n has a
     listed score <= its max, which is below the n-th max score (or ties it with a larger
     id). So the merge's first n are the true top-n by max, with their max scores; the two
-    agree up to the order of exactly tied scores (ComiRec keeps list order there, this op
-    the smaller id). Inference only: no autograd (outputs never require grad).
+    differ only among items of exactly equal score (ComiRec keeps list order there, this op
+    the smaller id, which can also change which tied item takes the n-th place).
+    Inference only: no autograd (outputs never require grad). On GPUs fp32 inputs use
+    3xTF32 dots (fp32-level error) unless torch's fp32 matmul precision allows tf32.
     """
     exclude = _validate(interests, items, n, interest_mask, exclude)
     be = _backend.resolve(OP, backend, interests.device)
