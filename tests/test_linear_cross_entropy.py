@@ -458,3 +458,87 @@ def test_lce_eager_reference_accumulates_in_fp32(dtype):
         assert got.dtype == dtype and torch.isfinite(got).all(), red
         total = got.double().sum() * (1100 if red == "mean" else 1)
         assert abs(total.item() - truth.item()) < 0.02 * abs(truth.item()), (red, total, truth)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation compiled or not, autocast, leading dimensions
+# ----------------------------------------------------------------------------------------------
+def _raises_same_compiled(fn, args, exc, match):
+    """``fn(*args)`` raises ``exc`` matching ``match`` eagerly and under
+    torch.compile(fullgraph=True)."""
+    with pytest.raises(exc, match=match):
+        fn(*args)
+    torch._dynamo.reset()
+    with pytest.raises(exc, match=match):
+        torch.compile(fn, fullgraph=True, backend="inductor")(*args)
+
+
+@pytest.mark.parametrize("backend", ["eager"] + FUSED)
+def test_lce_validation_is_the_same_compiled(backend):
+    u, w = torch.randn(3, 8), torch.randn(10, 8)
+    fn = lambda u, w, t: linear_cross_entropy(u, w, t, backend=backend)  # noqa: E731
+    _raises_same_compiled(fn, (u, w, torch.tensor([1, 10, 2])), ValueError, "target")
+    _raises_same_compiled(fn, (u, w, torch.tensor([1, -5, 2])), ValueError, "target")
+    _raises_same_compiled(fn, (u, w, torch.tensor([1, 2])), ValueError, "target")
+    _raises_same_compiled(fn, (u, w[:, :4], torch.tensor([1, 2, 3])), ValueError, "items")
+    _raises_same_compiled(fn, (u[:, None], w, torch.tensor([1, 2, 3])), ValueError, "target")
+
+
+@pytest.mark.parametrize("backend", ["eager"] + FUSED)
+def test_lce_leading_dims(backend):
+    """user (..., d) with target (...): flattened; "none" returns target's shape."""
+    user, items, target, bias, _ = make_lce(12, 40, 8, bias=True, ignore=2)
+    user, items, bias = user.float(), items.float(), bias.float()
+    u3, t3 = user.reshape(3, 4, 8), target.reshape(3, 4)
+    for red in ("none", "mean", "sum"):
+        got = linear_cross_entropy(u3, items, t3, bias=bias, reduction=red, backend=backend)
+        want = linear_cross_entropy(user, items, target, bias=bias, reduction=red,
+                                    backend=backend)
+        assert got.shape == (t3.shape if red == "none" else ())
+        assert_close(got, want.reshape(got.shape), atol=1e-6, rtol=1e-6, name=red)
+    loss, lse = linear_cross_entropy(u3, items, t3, reduction="none", return_lse=True,
+                                     backend=backend)
+    assert lse.shape == (3, 4)
+    leaf = u3.clone().requires_grad_()
+    linear_cross_entropy(leaf, items, t3, backend=backend).backward()
+    assert leaf.grad.shape == (3, 4, 8)
+    with pytest.raises(ValueError, match="target"):
+        linear_cross_entropy(u3, items, target, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["eager"] + FUSED)
+def test_lce_cpu_autocast_bf16(backend):
+    """Under CPU bf16 autocast the op runs like a matmul on bf16-cast embeddings and returns
+    an fp32 loss; gradients reach the fp32 parameters."""
+    user, items, target, bias, _ = make_lce(6, 70, 16, bias=True, ignore=1)
+    u = user.float().requires_grad_()
+    w = items.float().requires_grad_()
+    b = bias.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(u, w, target, bias=b, label_smoothing=0.1, backend=backend)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert u.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32
+    want = linear_cross_entropy_ref(user, items, target, bias=bias, label_smoothing=0.1)
+    u2, w2, b2 = (t.detach().double().requires_grad_() for t in (user, items, bias))
+    linear_cross_entropy_ref(u2, w2, target, bias=b2, label_smoothing=0.1).backward()
+    assert abs(loss.item() - want.item()) < 2e-2 * max(1.0, abs(want.item()))
+    for name, a, e in (("du", u.grad, u2.grad), ("dw", w.grad, w2.grad), ("db", b.grad, b2.grad)):
+        assert_close(a, e, atol=2e-2 * max(1.0, e.abs().max().item()), rtol=0, name=name)
+
+
+@pytest.mark.cuda
+def test_lce_and_sampled_id_checks_do_not_sync():
+    """The id range checks run on the device (torch._assert_async): no host sync per call."""
+    from seqrec_fast.ops import sampled_softmax_loss
+
+    user, items, target, _, _ = make_lce(64, 1000, 32, device="cuda")
+    u, w = user.float(), items.float()
+    neg = torch.randint(0, 1000, (128,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        linear_cross_entropy(u, w, target, backend="triton")
+        sampled_softmax_loss(u, w, target, neg, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

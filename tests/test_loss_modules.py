@@ -34,6 +34,27 @@ def test_linear_cross_entropy_module_matches_op(reduction):
         assert_close(a.grad, b.grad, atol=0.0, name=name)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_module_takes_leading_dims(reduction):
+    """user (batch, seq_len, d) with target (batch, seq_len): the module forwards to the op,
+    which flattens them; "none" returns target's shape."""
+    g = torch.Generator().manual_seed(2)
+    user, items = torch.randn(3, 5, 8, generator=g), torch.randn(30, 8, generator=g)
+    target = torch.randint(0, 30, (3, 5), generator=g)
+    target[1, 2] = -100
+    u1, u2 = _leaves(user, user)
+    got = LinearCrossEntropyLoss(reduction=reduction)(u1, items, target)
+    want = linear_cross_entropy(u2.reshape(15, 8), items, target.reshape(15),
+                                reduction=reduction)
+    assert got.shape == (target.shape if reduction == "none" else ())
+    assert_close(got, want.reshape(got.shape), atol=0.0, name="loss")
+    got.sum().backward()
+    want.sum().backward()
+    assert_close(u1.grad, u2.grad, atol=0.0, name="user")
+    with pytest.raises(ValueError, match="target"):
+        LinearCrossEntropyLoss()(user, items, target.reshape(15))
+
+
 @pytest.mark.parametrize("per_row", [False, True])
 def test_sampled_softmax_module_matches_op(per_row):
     g = torch.Generator().manual_seed(1)

@@ -360,3 +360,49 @@ def test_sampled_eager_reference_accumulates_in_fp32(dtype, per_row):
     assert (err <= ulp).all(), f"max err {err.max():.3e}, {int((err > ulp).sum())} rows > 1 ulp"
     got.sum().backward()
     assert u.grad.dtype == dtype and torch.isfinite(u.grad).all() and torch.isfinite(w.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# validation compiled or not, autocast
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["eager"] + FUSED)
+def test_sampled_validation_is_the_same_compiled(backend):
+    u, w = torch.randn(3, 8), torch.randn(10, 8)
+    t, neg = torch.tensor([1, 2, 3]), torch.tensor([4, 5])
+
+    def fn(u, w, t, neg):
+        return sampled_softmax_loss(u, w, t, neg, backend=backend)
+
+    for args, exc, match in [((u, w, torch.tensor([1, 10, 2]), neg), ValueError, "target"),
+                             ((u, w, t, torch.tensor([4, -1])), ValueError, "negatives"),
+                             ((u, w, t, torch.tensor([[4, 11]] * 3)), ValueError, "negatives"),
+                             ((u, w, t, torch.tensor([[4, 5]] * 2)), ValueError, "negatives"),
+                             ((u, w, t[:2], neg), ValueError, "target"),
+                             ((u, w, t, neg.int()), TypeError, "negatives")]:
+        with pytest.raises(exc, match=match):
+            fn(*args)
+        torch._dynamo.reset()
+        with pytest.raises(exc, match=match):
+            torch.compile(fn, fullgraph=True, backend="inductor")(*args)
+
+
+@pytest.mark.parametrize("backend", ["eager"] + FUSED)
+@pytest.mark.parametrize("per_row", [False, True])
+def test_sampled_cpu_autocast_bf16(backend, per_row):
+    """CPU bf16 autocast: embeddings cast to bf16, loss in fp32, gradients reach the fp32
+    parameters; values within bf16 tolerance of the float64 truth."""
+    user, items, target, neg, lq, tlq, _ = make_sampled(6, 40, 16, 9, per_row=per_row)
+    u = user.float().requires_grad_()
+    w = items.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sampled_softmax_loss(u, w, target, neg, log_q=lq.float(),
+                                    target_log_q=tlq.float(), backend=backend)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert u.grad.dtype == w.grad.dtype == torch.float32
+    u2, w2 = user.clone().requires_grad_(), items.clone().requires_grad_()
+    want = sampled_softmax_ref(u2, w2, target, neg, log_q=lq, target_log_q=tlq)
+    want.backward()
+    assert abs(loss.item() - want.item()) < 2e-2 * max(1.0, abs(want.item()))
+    for name, a, e in (("du", u.grad, u2.grad), ("dw", w.grad, w2.grad)):
+        assert_close(a, e, atol=2e-2 * max(1.0, e.abs().max().item()), rtol=0, name=name)

@@ -1,5 +1,6 @@
 """Helpers shared by the op modules of ``seqrec_fast.ops``: accumulation dtype, compile
-detection, the argument checks of the catalog losses (``linear_cross_entropy``,
+detection, the autocast policy and leading-dimension flattening of the catalog losses, the
+argument checks of the catalog losses (``linear_cross_entropy``,
 ``sampled_softmax_loss``, ``bpr_max_loss``), their backend resolution and reduction.
 
 Imports nothing from ``seqrec_fast.ops`` (every op module imports it, never the reverse).
@@ -66,18 +67,51 @@ def check_ids(name, ids, shape, device):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(ids.shape)}")
 
 
-def check_range(name, ids, n, allowed: Optional[int] = None):
-    """Values of ``ids`` in [0, n) (or equal to ``allowed``); one host sync, skipped when
-    compiling."""
-    if compiling() or ids.numel() == 0:
+def _range_check(name: str, ids: Tensor, n: int, allowed: Optional[int]) -> None:
+    """Values of ``ids`` in [0, n) (or equal to ``allowed``). CPU (and any non-CUDA device):
+    one host read, a ValueError naming ``name``. CUDA: no host sync — a device-side
+    ``torch._assert_async``; a bad id then surfaces as a CUDA "device-side assert" error at the
+    next synchronising call (and, as for any device assert, the CUDA context is unusable
+    afterwards), its message naming ``name``."""
+    if ids.numel() == 0:
         return
     bad = (ids < 0) | (ids >= n)
     if allowed is not None:
         bad &= ids != allowed
+    extra = f" or ignore_index={allowed}" if allowed is not None else ""
+    if ids.device.type == "cuda":
+        torch._assert_async(torch.logical_not(bad.any()),
+                            f"{name} contains an id outside [0, {n}){extra}")
+        return
     if bool(bad.any()):
         v = int(ids[bad][0])
-        extra = f" or ignore_index={allowed}" if allowed is not None else ""
         raise ValueError(f"{name} contains id {v} outside [0, {n}){extra}")
+
+
+@torch.library.custom_op("seqrec_fast::check_id_range", mutates_args=())
+def _check_id_range_op(ids: Tensor, arg: str, n: int, allowed: Optional[int]) -> Tensor:
+    """``_range_check`` as an opaque op for torch.compile: it runs on the real values at run
+    time (the same ValueError as eager on CPU) and returns a copy of ``ids`` that the traced
+    code uses from then on, so the check is never dead code."""
+    _range_check(arg, ids, n, allowed)
+    return ids.clone()
+
+
+@_check_id_range_op.register_fake
+def _(ids, arg, n, allowed):
+    return torch.empty_like(ids)
+
+
+def check_range(name: str, ids: Tensor, n: int, allowed: Optional[int] = None) -> Tensor:
+    """Values of ``ids`` in [0, n) (or equal to ``allowed``) -> the ids to use from then on.
+
+    Eager: checked directly (CPU: a ValueError naming ``name``; CUDA: a device-side assert, no
+    host sync). While torch.compile traces: the same check inside the opaque op
+    ``seqrec_fast::check_id_range``, so compiled code raises the same error."""
+    if compiling():
+        return _check_id_range_op(ids, name, int(n), allowed)
+    _range_check(name, ids, n, allowed)
+    return ids
 
 
 def check_float_scalar(name, value, *, lo=None, lo_open=False, hi=None, hi_open=False):
@@ -97,6 +131,61 @@ def check_bool(name, value):
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+@torch.library.custom_op("seqrec_fast::raise_error", mutates_args=())
+def _raise_error_op(like: Tensor, kind: str, message: str) -> Tensor:
+    """Raises ``kind(message)`` when the compiled graph runs (see ``deferred_error``)."""
+    raise {"TypeError": TypeError}.get(kind, ValueError)(message)
+
+
+@_raise_error_op.register_fake
+def _(like, kind, message):
+    return like.new_empty(())
+
+
+def deferred_error(err: Exception, like, pair: bool = False):
+    """Under torch.compile(fullgraph=True) a ``raise`` in traced code ends the trace with
+    dynamo's own "Observed exception" error. The public catalog losses therefore catch their
+    argument errors while compiling and return this instead: an opaque op that raises the same
+    TypeError / ValueError, with the same message, when the compiled code runs. ``like``: a
+    tensor for the fake output (a placeholder scalar, never returned for real)."""
+    if not isinstance(like, Tensor):
+        raise err
+    out = _raise_error_op(like, type(err).__name__, str(err))
+    return (out, out) if pair else out
+
+
+def autocast_inputs(user: Tensor, items: Tensor, bias: Optional[Tensor] = None):
+    """The cast policy of the catalog losses under ``torch.autocast`` (on user's device type),
+    that of a matmul: fp32/fp16/bf16 ``user``/``items``/``bias`` go to the autocast dtype
+    (differentiably); the loss is returned in float32. -> (user, items, bias, out_dtype), where
+    out_dtype is None when autocast is off (nothing cast) and torch.float32 when it is on."""
+    if not isinstance(user, Tensor) or not isinstance(items, Tensor):
+        return user, items, bias, None  # the argument checks report it
+    dev = user.device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return user, items, bias, None
+    dt = torch.get_autocast_dtype(dev)
+    cast = lambda t: t.to(dt) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_FROM else t  # noqa: E731
+    return cast(user), cast(items), cast(bias), torch.float32
+
+
+_AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def flatten_rows(user, target):
+    """user (..., d) with target (...) -> (user (rows, d), target (rows,), target's shape or
+    None when user is already 2-D). A target of another shape is a ValueError naming it."""
+    if not isinstance(user, Tensor) or user.dim() <= 2:
+        return user, target, None
+    lead = tuple(user.shape[:-1])
+    if not isinstance(target, Tensor):
+        return user, target, None  # check_ids reports it
+    if tuple(target.shape) != lead:
+        raise ValueError(f"target must have shape {lead} to match user {tuple(user.shape)} "
+                         f"(user (..., d), target (...)), got {tuple(target.shape)}")
+    return user.reshape(-1, user.shape[-1]), target.reshape(-1), lead
 
 
 # ----------------------------------------------------------------------------------------------

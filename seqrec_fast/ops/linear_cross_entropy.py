@@ -15,8 +15,9 @@ builds the logits). float64 on CUDA runs eager.
 
 NaN policy: no data checks on floats (they would synchronise). A NaN/Inf in a user row makes
 that row's loss and gradient NaN; a NaN in an item row reaches every row (every row's partition
-sum contains it). Id checks (range of ``target``) cost one host sync and are skipped while
-``torch.compile`` traces.
+sum contains it). Id checks (range of ``target``): a ValueError on CPU (one host read), the
+same under ``torch.compile`` (through the opaque op ``seqrec_fast::check_id_range``); on CUDA a
+device-side assert without host sync.
 
 Sharded catalog (vocabulary-parallel cross-entropy, as Megatron-LM does for vocabularies; the
 collectives are in ``catalog_parallel``): each rank computes the log-sum-exp of its shard with
@@ -36,9 +37,9 @@ from torch import Tensor
 
 from .. import _checks, _ext
 from ..reference.linear_cross_entropy import linear_cross_entropy_ref
-from ._common import (REDUCTIONS, acc_dtype, check_bool, check_float_scalar, check_ids,
-                      check_range, check_user_items, reduce_rows, resolve_loss_backend,
-                      softmax_item_mean_rows)
+from ._common import (REDUCTIONS, acc_dtype, autocast_inputs, check_bool, check_float_scalar,
+                      check_ids, check_range, check_user_items, compiling, deferred_error,
+                      flatten_rows, reduce_rows, resolve_loss_backend, softmax_item_mean_rows)
 from .catalog_parallel import (all_gather_list, check_group, copy_to_shards,
                                exchange_shard_offset, gather_replicated)
 
@@ -171,9 +172,59 @@ def linear_cross_entropy(user: Tensor, items: Tensor, target: Tensor, *,
         The loss is the single-process loss over the whole catalog, on every rank; ``user``
         gets its full gradient, the shard its own rows' (``linear_cross_entropy_sharded``).
 
-    Returns: loss in user's dtype (scalar, or (batch,) for "none"); (loss, lse) with
-    ``return_lse``. Raises TypeError / ValueError naming the bad argument.
+    Leading dimensions: ``user`` may be (..., dim) with ``target`` of shape (...) (e.g.
+    (batch, seq_len, dim) and (batch, seq_len)); they are flattened, and "none" returns losses
+    (and lse) of target's shape.
+
+    Autocast (``torch.autocast`` on user's device type): like a matmul, ``user``, ``items`` and
+    ``bias`` (fp32/fp16/bf16) are cast to the autocast dtype and the kernel runs on them with
+    fp32 accumulation; the loss is returned in float32 (as autocast does for
+    ``cross_entropy``). Gradients flow back through the casts to the original dtypes.
+
+    Id checks: ``target`` outside [0, n_items) (other than ``ignore_index``) is a ValueError on
+    CPU, compiled or not; on CUDA a device-side assert (no host sync), reported at the next
+    synchronising call.
+
+    Returns: loss in user's dtype (float32 under autocast; scalar, or target's shape for
+    "none"); (loss, lse) with ``return_lse``. Raises TypeError / ValueError naming the bad
+    argument.
     """
+    try:
+        return _linear_cross_entropy_public(user, items, target, bias, temperature, ignore_index,
+                                            reduction, label_smoothing, return_lse, backend,
+                                            process_group)
+    except (TypeError, ValueError) as err:
+        if not compiling():
+            raise
+        return deferred_error(err, user, pair=return_lse is True)
+
+
+def _linear_cross_entropy_public(user, items, target, bias, temperature, ignore_index,
+                                 reduction, label_smoothing, return_lse, backend, process_group):
+    user, items, bias, out_dtype = autocast_inputs(user, items, bias)
+    user, target, lead = flatten_rows(user, target)
+    if out_dtype is not None:
+        with torch.autocast(user.device.type, enabled=False):
+            out = _linear_cross_entropy(user, items, target, bias, temperature, ignore_index,
+                                        reduction, label_smoothing, return_lse, backend,
+                                        process_group)
+    else:
+        out = _linear_cross_entropy(user, items, target, bias, temperature, ignore_index,
+                                    reduction, label_smoothing, return_lse, backend,
+                                    process_group)
+    loss, lse = out if return_lse else (out, None)
+    if out_dtype is not None:
+        loss = loss.to(out_dtype)
+    if lead is not None and reduction == "none":
+        loss = loss.reshape(lead)
+    if lead is not None and lse is not None:
+        lse = lse.reshape(lead)
+    return (loss, lse) if return_lse else loss
+
+
+def _linear_cross_entropy(user, items, target, bias, temperature, ignore_index, reduction,
+                          label_smoothing, return_lse, backend, process_group):
+    """``linear_cross_entropy`` on 2-D user / 1-D target, autocast already resolved."""
     device, B, d, N = check_user_items(user, items)
     check_ids("target", target, (B,), device)
     if bias is not None:
@@ -194,7 +245,7 @@ def linear_cross_entropy(user: Tensor, items: Tensor, target: Tensor, *,
     if 0 <= ignore_index < N:
         raise ValueError(f"ignore_index={ignore_index} is a valid item id in [0, {N}); "
                          "use a negative value")
-    check_range("target", target, N, allowed=ignore_index)
+    target = check_range("target", target, N, allowed=ignore_index)
     be = resolve_loss_backend(OP, backend, device, user.dtype)
     if be == "eager":
         return linear_cross_entropy_ref(user, items, target, bias=bias, temperature=temperature,
@@ -286,7 +337,7 @@ def linear_cross_entropy_sharded(user, items, target, bias, temperature, ignore_
     if 0 <= ignore_index < N:
         raise ValueError(f"ignore_index={ignore_index} is a valid item id in [0, {N}); "
                          "use a negative value")
-    check_range("target", target, N, allowed=ignore_index)
+    target = check_range("target", target, N, allowed=ignore_index)
     be = resolve_loss_backend(OP, backend, device, user.dtype)
     acc = acc_dtype(user.dtype)
     u = copy_to_shards(user, group)

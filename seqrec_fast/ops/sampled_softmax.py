@@ -12,7 +12,8 @@ epilogue. Never a (B, S, d) tensor.
 Backends: ``triton`` (``seqrec_fast.kernels.sampled_softmax``), ``cpp``
 (``csrc/sampled_softmax``: chunked over the candidates, float64 capable), ``eager``
 (``sampled_softmax_ref``). float64 on CUDA runs eager. Id checks (range of ``target`` /
-``negatives``) cost one host sync and are skipped while ``torch.compile`` traces.
+``negatives``): ValueError on CPU, compiled or not (``seqrec_fast::check_id_range``); on CUDA
+a device-side assert without host sync.
 
 Sharded catalog (collectives in ``catalog_parallel``): the candidates (targets and negatives, at
 most B + S distinct ids) are what a step touches, so each rank contributes the candidate rows it
@@ -30,9 +31,9 @@ from torch import Tensor
 
 from .. import _checks, _ext
 from ..reference.sampled_softmax import bpr_max_ref, sampled_softmax_ref
-from ._common import (FLOATS, REDUCTIONS, acc_dtype, check_bool, check_float_scalar, check_ids,
-                      check_range, check_user_items, reduce_rows, resolve_loss_backend,
-                      softmax_item_mean_rows)
+from ._common import (FLOATS, REDUCTIONS, acc_dtype, autocast_inputs, check_bool,
+                      check_float_scalar, check_ids, check_range, check_user_items, compiling,
+                      deferred_error, reduce_rows, resolve_loss_backend, softmax_item_mean_rows)
 from .catalog_parallel import check_group, exchange_shard_offset, sum_replicated
 
 OP = "sampled_softmax"
@@ -168,9 +169,9 @@ def _check_sampled(user, items, target, negatives, log_q, target_log_q, in_batch
     temperature = check_float_scalar("temperature", temperature, lo=0.0, lo_open=True)
     _checks.choice("reduction", reduction, REDUCTIONS)
     if check_id_range:   # sharded catalogs check against the global size
-        check_range("target", target, N)
-        check_range("negatives", negatives, N)
-    return device, temperature
+        target = check_range("target", target, N)
+        negatives = check_range("negatives", negatives, N)
+    return device, temperature, target, negatives
 
 
 def sampled_softmax_loss(user: Tensor, items: Tensor, target: Tensor, negatives: Tensor, *,
@@ -206,12 +207,44 @@ def sampled_softmax_loss(user: Tensor, items: Tensor, target: Tensor, negatives:
         all-reduce of the (U, d) candidate table (U = distinct target/negative ids); the loss
         and the user gradient are then those of the single-process op on every rank.
 
-    Returns the loss in user's dtype. ``log_q``/``target_log_q`` get no gradient.
+    Autocast: as ``linear_cross_entropy`` (``user``/``items`` cast to the autocast dtype, fp32
+    accumulation, the loss in float32). Out-of-range ids: ValueError on CPU (compiled or not),
+    a device-side assert without host sync on CUDA.
+
+    Returns the loss in user's dtype (float32 under autocast). ``log_q``/``target_log_q`` get
+    no gradient.
     """
-    device, temperature = _check_sampled(user, items, target, negatives, log_q, target_log_q,
-                                         in_batch_negatives, remove_accidental_hits,
-                                         temperature, reduction,
-                                         check_id_range=process_group is None)
+    try:
+        return _sampled_softmax_public(user, items, target, negatives, log_q, target_log_q,
+                                       in_batch_negatives, remove_accidental_hits, temperature,
+                                       reduction, backend, process_group)
+    except (TypeError, ValueError) as err:
+        if not compiling():
+            raise
+        return deferred_error(err, user)
+
+
+def _sampled_softmax_public(user, items, target, negatives, log_q, target_log_q,
+                            in_batch_negatives, remove_accidental_hits, temperature, reduction,
+                            backend, process_group):
+    user, items, _, out_dtype = autocast_inputs(user, items)
+    if out_dtype is None:
+        return _sampled_softmax_loss(user, items, target, negatives, log_q, target_log_q,
+                                     in_batch_negatives, remove_accidental_hits, temperature,
+                                     reduction, backend, process_group)
+    with torch.autocast(user.device.type, enabled=False):
+        return _sampled_softmax_loss(user, items, target, negatives, log_q, target_log_q,
+                                     in_batch_negatives, remove_accidental_hits, temperature,
+                                     reduction, backend, process_group).to(out_dtype)
+
+
+def _sampled_softmax_loss(user, items, target, negatives, log_q, target_log_q,
+                          in_batch_negatives, remove_accidental_hits, temperature, reduction,
+                          backend, process_group):
+    """``sampled_softmax_loss`` with autocast resolved."""
+    device, temperature, target, negatives = _check_sampled(
+        user, items, target, negatives, log_q, target_log_q, in_batch_negatives,
+        remove_accidental_hits, temperature, reduction, check_id_range=process_group is None)
     if process_group is not None:
         return sampled_softmax_sharded(user, items, target, negatives, log_q, target_log_q,
                                        in_batch_negatives, remove_accidental_hits, temperature,
@@ -246,9 +279,9 @@ def bpr_max_loss(user: Tensor, items: Tensor, target: Tensor, negatives: Tensor,
     Eager composite: the (batch, S [+ batch]) scores are small next to a catalog, so only
     ``backend="auto"``/``"eager"`` exist for it.
     """
-    device, temperature = _check_sampled(user, items, target, negatives, None, None,
-                                         in_batch_negatives, remove_accidental_hits,
-                                         temperature, reduction)
+    device, temperature, target, negatives = _check_sampled(
+        user, items, target, negatives, None, None, in_batch_negatives,
+        remove_accidental_hits, temperature, reduction)
     reg = check_float_scalar("reg", reg, lo=0.0)
     if backend not in ("auto", "eager"):
         raise ValueError(f"bpr_max_loss has only the eager backend, got backend={backend!r}")
@@ -270,8 +303,8 @@ def sampled_softmax_sharded(user, items, target, negatives, log_q, target_log_q,
     n_local = items.shape[0]
     offset, N = exchange_shard_offset(group, rank, world, device, n_local, user, target,
                                       negatives, log_q, target_log_q)
-    check_range("target", target, N)
-    check_range("negatives", negatives, N)
+    target = check_range("target", target, N)
+    negatives = check_range("negatives", negatives, N)
     B = target.shape[0]
     uniq, inv = torch.unique(torch.cat([target, negatives.reshape(-1)]), return_inverse=True)
     owned = (uniq >= offset) & (uniq < offset + n_local)
