@@ -8,6 +8,15 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def compiling() -> bool:
+    """True while torch.compile traces (data-dependent checks and eager-only paths are skipped
+    then)."""
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - old torch
+        return False
+
+
 def tensor(name: str, x, *, ndim: Optional[int] = None, dtypes: Optional[Iterable] = None,
            device: Optional[torch.device] = None) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):

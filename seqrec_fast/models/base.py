@@ -31,13 +31,6 @@ SAMPLERS = ("log_uniform", "uniform")
 READOUTS = ("hard", "pow")
 
 
-def _compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # pragma: no cover - old torch
-        return False
-
-
 class SeqRecModel(nn.Module):
     """Base class. Args:
       n_items: item-table rows INCLUDING padding 0. dim: d. max_len: L (history length).
@@ -209,7 +202,7 @@ class SeqRecModel(nn.Module):
         w = self.item_emb.weight
         if (self.item_emb.sparse or self._step_table is not None
                 or self.catalog_shard is not None or not torch.is_grad_enabled()
-                or not w.requires_grad or w.device.type != "cpu" or _compiling()):
+                or not w.requires_grad or w.device.type != "cpu" or _checks.compiling()):
             return self._loss(batch)
         self._step_table = _common.one_dense_grad_table(w)
         try:
