@@ -78,6 +78,21 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _lambdas(s: str) -> list:
+    """'0,0.05,0.1' -> [0.0, 0.05, 0.1]: finite numbers >= 0."""
+    out = []
+    for part in s.split(","):
+        try:
+            v = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma list of numbers >= 0, got "
+                                             f"{s!r}") from None
+        if not 0 <= v < float("inf"):
+            raise argparse.ArgumentTypeError(f"every λ must be a finite number >= 0, got {part!r}")
+        out.append(v)
+    return out
+
+
 def _sep(s: str) -> str:
     return {"\\t": "\t", "tab": "\t", "comma": ",", "space": " "}.get(s, s)
 
@@ -161,6 +176,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--user-split", default=d.user_split,
                    help="a ready-made user split: a file of 'user,split' lines (split: train, "
                         "valid or test; users as in the data file)")
+    g.add_argument("--item-categories", default=d.item_categories,
+                   help="an item -> category map (ComiRec's item_cate.txt, RecBole's .item, or "
+                        "a CSV with item and category columns): for Diversity@N and "
+                        "'evaluate --diversity'")
 
     g = p.add_argument_group("loss")
     g.add_argument("--loss", default=d.loss, choices=["sampled", "full"],
@@ -198,8 +217,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="stop after N validations without improvement")
     g.add_argument("--log-every", type=int, default=d.log_every,
                    help="log the mean training loss every N steps")
-    g.add_argument("--retriever", default=d.retriever, choices=["auto", "torch", "faiss"],
-                   help="retrieval: exact torch matmul + top-k, or faiss")
+    g.add_argument("--retriever", default=d.retriever,
+                   choices=["auto", "fused", "torch", "faiss"],
+                   help="retrieval: fused exact top-N (auto with a flat index), chunked torch "
+                        "matmul + top-k, or faiss")
     _add_index_args(g)
 
     g = p.add_argument_group("run")
@@ -231,8 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint", help="a best.pt or last.pt written by train")
     ev.add_argument("--split", default="test", choices=["valid", "test"], help="users to score")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    ev.add_argument("--retriever", default="auto", choices=["auto", "torch", "faiss"],
-                    help="retrieval: exact torch matmul + top-k, or faiss")
+    ev.add_argument("--retriever", default="auto", choices=["auto", "fused", "torch", "faiss"],
+                    help="retrieval: fused exact top-N (auto with a flat index), chunked torch "
+                         "matmul + top-k, or faiss")
+    ev.add_argument("--diversity", default=None, type=_lambdas,
+                    help="comma list of λ >= 0: one row per λ of ComiRec's controllable "
+                         "aggregation (Recall, NDCG, HitRate, Diversity); needs item categories")
     _add_index_args(ev)
     pl = sub.add_parser("plot", formatter_class=_Help,
                         help="t-SNE of item embeddings and training curves (PNG; needs "
@@ -342,13 +367,19 @@ def _run(args, argv) -> int:
         print(res["table"])
         return 0
     if args.command == "evaluate":
-        m, pop = _train.evaluate_checkpoint(
+        rows, pop = _train.evaluate_checkpoint(
             args.checkpoint, args.split, args.device, args.retriever, args.faiss_index,
             args.faiss_nlist, args.faiss_nprobe, args.faiss_hnsw_m, args.faiss_ef_search,
-            with_popularity=True)
+            with_popularity=True, diversity=args.diversity)
         from .metrics import format_table
 
-        print(format_table({f"{args.checkpoint} ({args.split})": m, "most-popular": pop}))
+        name = f"{args.checkpoint} ({args.split})"
+        if args.diversity is None:
+            table = {name: rows}
+        else:
+            table = {f"{name} λ={lam:g}": m for lam, m in zip(args.diversity, rows)}
+        table["most-popular"] = pop
+        print(format_table(table))
         return 0
     if args.command == "plot":
         from .plot import plot_runs

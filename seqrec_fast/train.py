@@ -62,6 +62,7 @@ class TrainConfig:
     split_seed: int = 2020
     eval_history_frac: float = 0.8        # input share of a held-out user's history
     user_split: Optional[str] = None      # file of "user,split" lines (a ready-made split)
+    item_categories: Optional[str] = None  # item -> category map file (Diversity, aggregation)
     cache_dir: Optional[str] = "auto"     # "auto": $SEQREC_FAST_CACHE or ~/.cache/seqrec_fast
     dim: int = 64
     num_interests: int = 4
@@ -187,7 +188,7 @@ def run_dataset(cfg: TrainConfig):
     """The preprocessed data set of a run (``cfg.data`` and the data / split options)."""
     prep = dict(k_core=cfg.k_core, split=cfg.split, ratios=tuple(cfg.split_ratios),
                 seed=cfg.split_seed, eval_history_frac=cfg.eval_history_frac,
-                user_split=cfg.user_split)
+                user_split=cfg.user_split, item_categories=cfg.item_categories)
     if cfg.data == "synthetic":
         return load_dataset("synthetic", cache_dir=cfg.cache_dir, synthetic=cfg.synthetic,
                             **prep)
@@ -201,7 +202,7 @@ def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
     kw = {}
     if cfg.data != "synthetic" and not os.path.isabs(cfg.data):
         kw["data"] = os.path.abspath(cfg.data)
-    for name in ("cache_dir", "user_split"):
+    for name in ("cache_dir", "user_split", "item_categories"):
         v = getattr(cfg, name)
         if v not in (None, "auto") and not os.path.isabs(v):
             kw[name] = os.path.abspath(v)
@@ -229,16 +230,19 @@ def inference_generator(model, device):
         model.generator = saved
 
 
-def _eval(model, split, cfg, device, max_users=None, distributed=False):
+def _eval(model, split, cfg, device, max_users=None, distributed=False, categories=None,
+          lam=None):
     """Metrics on an EvalSplit under :func:`inference_generator`. ``distributed``: users split
-    over the ranks of the default group, metrics all-reduced."""
+    over the ranks of the default group, metrics all-reduced. ``categories`` / ``lam``: as
+    :func:`seqrec_fast.evaluate.evaluate` (Diversity@k, controllable aggregation)."""
     with inference_generator(model, device):
         return evaluate(model, split, max_len=cfg.max_len, padding=cfg.padding, ks=cfg.topk,
                         batch_size=EVAL_BATCH, retriever=cfg.retriever, device=device,
                         max_users=max_users, index=cfg.faiss_index, nlist=cfg.faiss_nlist,
                         nprobe=cfg.faiss_nprobe, hnsw_m=cfg.faiss_hnsw_m,
                         ef_search=cfg.faiss_ef_search,
-                        process_group="default" if distributed else None)
+                        process_group="default" if distributed else None,
+                        categories=categories, lam=lam)
 
 
 def _autocast(device, enabled):
@@ -878,17 +882,33 @@ def load_checkpoint(path: str, device="auto"):
 def evaluate_checkpoint(path: str, split: str = "test", device="auto", retriever="auto",
                         faiss_index: str = "flat", faiss_nlist: Optional[int] = None,
                         faiss_nprobe: Optional[int] = None, faiss_hnsw_m: int = 32,
-                        faiss_ef_search: int = 128, with_popularity: bool = False):
+                        faiss_ef_search: int = 128, with_popularity: bool = False,
+                        diversity=None):
     """Evaluate a checkpoint (written at any world size) on "valid" or "test" -> metrics dict,
     or (metrics, most-popular baseline metrics) with ``with_popularity``.
-    ``faiss_*``: the retrieval index (see ``retrieval.Retriever``)."""
+    ``faiss_*``: the retrieval index (see ``retrieval.Retriever``). When the run's data has
+    item categories, the metrics include Diversity@k. ``diversity``: a list of λ >= 0 — then
+    the result is a list of metrics dicts, one per λ of ComiRec's controllable aggregation
+    (needs item categories)."""
     if split not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
     model, cfg, ds = load_checkpoint(path, device)
     cfg.retriever = retriever
     cfg.faiss_index, cfg.faiss_nlist, cfg.faiss_nprobe = faiss_index, faiss_nlist, faiss_nprobe
     cfg.faiss_hnsw_m, cfg.faiss_ef_search = faiss_hnsw_m, faiss_ef_search
-    m = _eval(model, getattr(ds, split), cfg, next(model.parameters()).device)
+    cats = ds.item_category
+    if cats is not None and not (np.asarray(cats) >= 0).any():
+        cats = None
+    dev = next(model.parameters()).device
+    if diversity is None:
+        m = _eval(model, getattr(ds, split), cfg, dev, categories=cats)
+    else:
+        if cats is None:
+            raise ValueError("diversity needs item categories, and this run's data has none: "
+                             "train with --item-categories FILE (or ComiRec-format or "
+                             "synthetic data)")
+        m = [_eval(model, getattr(ds, split), cfg, dev, categories=cats, lam=float(lam))
+             for lam in diversity]
     if not with_popularity:
         return m
-    return m, evaluate_popularity(ds.item_counts, getattr(ds, split), cfg.topk)
+    return m, evaluate_popularity(ds.item_counts, getattr(ds, split), cfg.topk, categories=cats)

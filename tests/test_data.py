@@ -583,3 +583,73 @@ def test_recbole_columnar_and_csv_module_paths_agree(tmp_path, monkeypatch):
         assert np.array_equal(getattr(fast, name), getattr(slow, name)), name
     assert fast.user_tokens.tolist() == slow.user_tokens.tolist() == ["A1Y", "A2X", "B"]
     assert fast.item_tokens is None and fast.item.tolist() == [7, 12, -3, 12]
+
+
+# ---------------------------------------------------------------- item -> category maps
+def test_read_item_categories_layouts(tmp_path):
+    from seqrec_fast.data import read_item_categories
+
+    comirec = tmp_path / "item_cate.txt"                      # ComiRec: item,cate, no header
+    comirec.write_text("10,3\n11,7\n12,3\n10,9\n")
+    m = read_item_categories(comirec)
+    assert m == {10: 0, 11: 1, 12: 0}                          # "3" < "7"; item 10 keeps line 1
+    recbole = tmp_path / "x.item"                             # RecBole: name:type header, tabs
+    recbole.write_text("item_id:token\ttitle:token_seq\tcategories:token_seq\n"
+                       "5\tA film\tDrama Crime\n6\tB\tComedy\n7\tC\t\n")
+    assert read_item_categories(recbole) == {5: 1, 6: 0}       # first token; 7 has none
+    movies = tmp_path / "movies.csv"                          # MovieLens-like with flags
+    movies.write_text("movieId,title,genres\n1,Toy,Animation|Children\n2,Jumanji,Adventure\n")
+    assert read_item_categories(movies, category_col="genres") == {1: 1, 2: 0}
+    assert read_item_categories(movies, item_col=0, category_col=2) == {1: 1, 2: 0}
+    assert read_item_categories(movies) == {1: 1, 2: 0}        # 'genres' is found by name
+    years = tmp_path / "years.csv"
+    years.write_text("movieId,title,year\n1,Toy,1995\n")
+    with pytest.raises(ValueError, match="category_col"):
+        read_item_categories(years)                            # no column named like a category
+    with pytest.raises(ValueError, match="no column 'kind'"):
+        read_item_categories(movies, category_col="kind")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a1,3\n")
+    with pytest.raises(ValueError, match="not an integer id"):
+        read_item_categories(bad)
+
+
+def test_load_dataset_with_an_item_category_file(tmp_path):
+    from seqrec_fast.data import load_dataset
+
+    rng = np.random.default_rng(0)
+    rows = "".join(f"{u},{int(i)},{t}\n" for u in range(120)
+                   for t, i in enumerate(rng.integers(100, 140, size=12)))
+    log_path = tmp_path / "log.csv"
+    log_path.write_text("user_id,item_id,timestamp\n" + rows)
+    cats = tmp_path / "item_cate.txt"
+    raw_cat = {i: (i * 7) % 5 for i in range(100, 140) if i != 113}    # item 113: unknown
+    cats.write_text("".join(f"{i},{c}\n" for i, c in raw_cat.items()))
+    ds = load_dataset(log_path, cache_dir=tmp_path / "cache", k_core=0, item_categories=cats)
+    plain = load_dataset(log_path, cache_dir=tmp_path / "cache", k_core=0)
+    assert plain.item_category is None                   # a different cache entry, no categories
+    # every remapped id carries its raw item's category (-1 for the padding id and item 113)
+    tok = {i: raw for raw, i in _raw_to_id(log_path).items()}
+    assert ds.item_category[0] == -1
+    for i in range(1, ds.n_items):
+        want = raw_cat.get(tok[i], -1)
+        assert ds.item_category[i] == want, (i, tok[i])
+    with pytest.raises(ValueError, match="item_categories"):
+        load_dataset(log_path, cache_dir=None, item_categories=tmp_path / "missing.txt")
+
+
+def _raw_to_id(log_path):
+    """raw item id -> remapped id, recomputed from preprocess's documented rule (popularity
+    order over the training users' interactions, ties by raw id) through the loaded data."""
+    from seqrec_fast.data import load_dataset, load_interactions
+
+    ds = load_dataset(log_path, cache_dir=None, k_core=0)
+    inter = load_interactions(log_path)
+    # an item's remapped id is the one whose training count matches after sorting; rebuild it
+    # from a data set whose categories ARE the raw ids, which the preprocessing carries along
+    from seqrec_fast.data import preprocess, with_item_categories
+
+    ident = with_item_categories(inter, {int(i): int(i) for i in np.unique(inter.item)})
+    ds_ident = preprocess(ident, k_core=0)
+    assert ds_ident.n_items == ds.n_items
+    return {int(ds_ident.item_category[i]): i for i in range(1, ds.n_items)}

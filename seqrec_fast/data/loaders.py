@@ -438,6 +438,122 @@ def read_user_split(path, inter: Optional[Interactions] = None) -> dict:
     return out
 
 
+CATEGORY_ALIASES = ("category", "categories", "cate", "cate_id", "category_id", "genre",
+                    "genres", "class", "label")
+
+
+def read_item_categories(path, inter: Optional[Interactions] = None, *, item_col=None,
+                         category_col=None, sep: Optional[str] = None) -> dict:
+    """An item -> category map file -> {raw item id: category index}.
+
+    Layouts: ComiRec's ``item_cate.txt`` (``item,cate`` lines, no header), RecBole's ``.item``
+    file (tab-separated, a header of ``name:type`` fields; the category field is found by name),
+    or a CSV / TSV with a header (columns found by name, or given: ``item_col`` /
+    ``category_col`` as a name or a 0-based index). Without a header the item is column 0 and
+    the category column 1. A multi-valued category (RecBole ``token_seq``, MovieLens'
+    ``Action|Comedy``) takes its first value. Categories are tokens (numbers or strings), numbered
+    0.. in sorted order of their text. With ``inter``, items given as tokens are mapped to its
+    ids (files whose item ids were strings); items absent from the data are ignored. An item
+    listed twice keeps its first line (and the count is logged).
+    """
+    path = _check_path(path)
+    lines = _first_lines(path, 2)
+    if not lines:
+        raise ValueError(f"{path}: the file is empty")
+    if sep is None:
+        sep = _sniff_sep(path, lines[0])
+    first = [c.strip() for c in lines[0].split(sep)]
+    names = [c.split(":", 1)[0] for c in first]                 # RecBole's name:type
+    low = [c.lower() for c in names]
+    wanted_names = [c for c in (item_col, category_col) if isinstance(c, str) and not c.isdigit()]
+    header = (any(":" in c for c in first) or any(c in names for c in wanted_names)
+              or any(c in low for c in CATEGORY_ALIASES + ALIASES["item"]))
+
+    def pick(given, aliases, default, what):
+        if isinstance(given, int) or (isinstance(given, str) and given.isdigit()):
+            j = int(given)
+            if not 0 <= j < len(first):
+                raise ValueError(f"{path}: {what}={given} but the file has {len(first)} column(s)")
+            return j
+        if given is not None:
+            if given not in names:
+                raise ValueError(f"{path}: no column {given!r}; the file has columns {names}")
+            return names.index(given)
+        if header:
+            hit = [low.index(a) for a in aliases if a in low]
+            if not hit:
+                raise ValueError(f"{path}: no {what[:-4]} column among {names}; name it with "
+                                 f"{what}")
+            return hit[0]
+        return default
+
+    ji = pick(item_col, ALIASES["item"], 0, "item_col")
+    jc = pick(category_col, CATEGORY_ALIASES, 1, "category_col")
+    if ji == jc:
+        raise ValueError(f"{path}: the item and category columns are the same column")
+    tok = None
+    if inter is not None and inter.item_tokens is not None:
+        tok = {t: i for i, t in enumerate(inter.item_tokens.tolist())}
+    raw_items, raw_cats, repeated = [], [], 0
+    seen = set()
+    with open(path, newline="", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if header and n == 1 or not line.strip():
+                continue
+            parts = [c.strip() for c in line.rstrip("\r\n").split(sep)]
+            if max(ji, jc) >= len(parts):
+                raise ValueError(f"{path}: line {n} has {len(parts)} field(s), needs column "
+                                 f"{max(ji, jc)}")
+            it, cat = parts[ji], parts[jc]
+            cat = cat.replace("|", " ").split()[0] if cat.strip() else ""
+            if not cat:
+                continue
+            if tok is not None:
+                if it not in tok:
+                    continue
+                item = tok[it]
+            else:
+                try:
+                    item = int(it)
+                except ValueError:
+                    raise ValueError(f"{path}: line {n}: item {it!r} is not an integer id (the "
+                                     f"data's item ids are integers)") from None
+            if item in seen:
+                repeated += 1
+                continue
+            seen.add(item)
+            raw_items.append(item)
+            raw_cats.append(cat)
+    if not raw_items:
+        raise ValueError(f"{path}: no item with a category")
+    if repeated:
+        log.info("%s: %d item(s) listed more than once kept their first category", path, repeated)
+    cats = sorted(set(raw_cats))
+    index = {c: i for i, c in enumerate(cats)}
+    return {i: index[c] for i, c in zip(raw_items, raw_cats)}
+
+
+def with_item_categories(inter: Interactions, categories: dict) -> Interactions:
+    """``inter`` with its per-interaction ``category`` taken from an item -> category map
+    ({raw item id: category}, e.g. :func:`read_item_categories`); items the map lacks get -1
+    (unknown). A category the log itself carried is replaced (the map wins)."""
+    if not categories:
+        raise ValueError("categories is empty")
+    keys = np.fromiter(categories.keys(), dtype=np.int64, count=len(categories))
+    vals = np.fromiter(categories.values(), dtype=np.int64, count=len(categories))
+    order = np.argsort(keys)
+    keys, vals = keys[order], vals[order]
+    pos = np.searchsorted(keys, inter.item).clip(max=len(keys) - 1)
+    cat = np.where(keys[pos] == inter.item, vals[pos], -1).astype(np.int64)
+    if inter.category is not None:
+        log.info("the item-category map replaces the categories the interaction log carried")
+    known = float((cat >= 0).mean()) if len(cat) else 0.0
+    if known < 1.0:
+        log.info("%.1f%% of the interactions' items have no category in the map", 100 * (1 - known))
+    return Interactions(inter.user, inter.item, inter.time, cat, inter.user_tokens,
+                        inter.item_tokens)
+
+
 def load_recbole(path, *, user_field: str = "user_id", item_field: str = "item_id",
                  time_field: Optional[str] = "timestamp") -> Interactions:
     """RecBole atomic ``.inter`` file: tab-separated, header ``name:type`` (e.g.

@@ -317,7 +317,7 @@ def default_cache_dir() -> str:
 
 def load_dataset(source, *, cache_dir: Optional[str] = "auto", format: str = "auto",
                  loader_kwargs: Optional[dict] = None, synthetic: Optional[dict] = None,
-                 user_split=None, **prep_kwargs) -> Dataset:
+                 user_split=None, item_categories=None, **prep_kwargs) -> Dataset:
     """A source -> :class:`Dataset`: the one entry point from a log file (or ``"synthetic"``)
     to preprocessed, cached data.
 
@@ -327,13 +327,17 @@ def load_dataset(source, *, cache_dir: Optional[str] = "auto", format: str = "au
     user_split: None, a path of ``user,split`` lines, or a dict raw user id -> "train" /
     "valid" / "test" (see :func:`preprocess`). prep_kwargs go to :func:`preprocess`
     (k_core, split, ratios, seed, eval_history_frac).
+    item_categories: None, or a path of an item -> category map (ComiRec's ``item_cate.txt``,
+    RecBole's ``.item``, a CSV; see ``loaders.read_item_categories``): the data set's
+    ``item_category`` then comes from it (-1 for items it lacks).
 
     cache_dir: ``"auto"`` (the default) caches files under :func:`default_cache_dir`, not the
     synthetic data (generated in well under a second); a folder caches every source there;
     None caches nothing. The cache file is ``<name>-<key>.npz``, the key a hash of the file's
     content (``user_split``'s too) and of every option, so any change gives a new entry and a
     second call with the same input skips loading and preprocessing."""
-    from .loaders import load_interactions, read_user_split
+    from .loaders import (load_interactions, read_item_categories, read_user_split,
+                          with_item_categories)
     from .synthetic import DEFAULTS, synthetic as generate
 
     if not isinstance(source, (str, os.PathLike)):
@@ -347,6 +351,14 @@ def load_dataset(source, *, cache_dir: Optional[str] = "auto", format: str = "au
     if cache_dir == "auto":
         cache_dir = None if is_synth else default_cache_dir()
     split_key = None
+    cat_key = None
+    if item_categories is not None:
+        if not isinstance(item_categories, (str, os.PathLike)):
+            raise TypeError(f"item_categories must be a path, got "
+                            f"{type(item_categories).__name__}")
+        if not os.path.isfile(os.fspath(item_categories)):
+            raise ValueError(f"item_categories {os.fspath(item_categories)!r} does not exist")
+        cat_key = file_digest(os.fspath(item_categories))
     if isinstance(user_split, (str, os.PathLike)):
         us = os.fspath(user_split)
         if not os.path.isfile(us):
@@ -373,7 +385,8 @@ def load_dataset(source, *, cache_dir: Optional[str] = "auto", format: str = "au
         key_parts = (file_digest(path), format, loader_kwargs) if cache_dir else ()
     cache = None
     if cache_dir is not None:
-        key = cache_key(*key_parts, split_key, sorted(prep_kwargs.items()), _CACHE_VERSION)
+        key = cache_key(*key_parts, split_key, sorted(prep_kwargs.items()), _CACHE_VERSION,
+                        *((cat_key,) if cat_key is not None else ()))
         cache = os.path.join(os.fspath(cache_dir), f"{name}-{key}.npz")
         if os.path.exists(cache):
             log.info("loading the cached dataset %s", cache)
@@ -385,6 +398,8 @@ def load_dataset(source, *, cache_dir: Optional[str] = "auto", format: str = "au
     else:
         inter = load_interactions(path, format, **(loader_kwargs or {}))
         meta = {"source": os.path.abspath(path)}
+    if item_categories is not None:
+        inter = with_item_categories(inter, read_item_categories(item_categories, inter))
     if isinstance(user_split, (str, os.PathLike)):
         user_split = read_user_split(user_split, inter)
     ds = preprocess(inter, meta=meta, user_split=user_split, **prep_kwargs)
