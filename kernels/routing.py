@@ -28,7 +28,18 @@ separates the phases because the reading thread need not be the writing one, and
 logits ping-pong between two slots so no pass reads and writes the same address.
 
 Accumulation is in fp32 (fp64 when u is fp64); bf16/fp16 loads are cast right away.
-No ``tl.dot``: K is tiny (< 16 rows) and fp32 must stay exact (no tf32).
+No ``tl.dot`` in the routing iterations: K is tiny (< 16 rows) and fp32 must stay exact.
+
+SEQ_AXIS (constexpr): 0 coupling softmax over the interests, 1 over the real positions, 2 over
+all L positions with padded couplings zeroed afterwards (torch-rechub: the logits of padded
+positions are updated and stay in the denominator).
+
+Fused MIND (``_routing_mind_fwd_kernel`` / ``_routing_mind_bwd_kernel`` -> ``_routing_mind_fwd``
+/ ``_routing_mind_bwd``): with the shared (d, d) map each program computes u = E_b·Wᵀ with one
+``tl.dot`` (fp32 dots at ``fp32_dot_precision()``) and routes it in registers; the detached
+backward computes grad_u, dE_b = grad_u·W and a per-program fp32 dW partial (two-stage
+reduction, no atomics). Under the interpreter bf16/fp16 tiles are cast to fp32 before the dots
+(CAST_F32), because the interpreter's half-precision dot is broken.
 """
 from __future__ import annotations
 
@@ -38,7 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype, pow2, tl_acc_dtype
+from ._utils import acc_dtype, fp32_dot_precision, gpu_tuned, interpreting, num_sms, \
+    pow2, tl_acc_dtype
 
 _NEG = tl.constexpr(-1.0e30)  # finite "-inf" for masked logits (no inf - inf = NaN)
 _EPS = tl.constexpr(1e-9)  # squash epsilon, as the reference
@@ -186,12 +198,24 @@ def _sum_d(x, PER_POS: tl.constexpr):
 
 
 @triton.jit
+def _softmax_row(mrow, l, L, SEQ_AXIS: tl.constexpr):
+    """The positions of the sequence softmax: the real ones (SEQ_AXIS 1), or every l < L
+    (SEQ_AXIS 2, torch-rechub: padded logits stay in the denominator)."""
+    if SEQ_AXIS == 2:
+        r = l < L
+    else:
+        r = mrow
+    return r
+
+
+@triton.jit
 def _probs(bl, kvalid, mrow, m_run, inv_den, SEQ_AXIS: tl.constexpr):
     """Routing probabilities of a logits chunk bl (a (K, L) thing).
 
     interest axis: softmax over k (not masked by the sequence mask);
-    sequence axis: exp(b - max) / den at real positions, 0 at padded ones (m_run, inv_den:
-    per-interest scalars of the whole row).
+    sequence axis: exp(b - max) / den at the positions mrow (the caller passes
+    ``_softmax_row``), 0 elsewhere (m_run, inv_den: per-interest scalars of the whole row).
+    SEQ_AXIS: 0 interest, 1 sequence (real positions), 2 sequence (all positions).
     """
     if SEQ_AXIS:
         live = kvalid & mrow
@@ -267,15 +291,16 @@ def _fwd_chunk(l0, ut, prev_slot, cur_slot, init_row, mask_row, v_prev, s_acc, m
         bl += tl.load(init_row + kl_off, mask=kl_msk & (it == 0), other=0.0)
     bl = bl + _dot_d(ut, v_prev, kk, PER_POS, BLOCK_K, BLOCK_L, ACC)
     tl.store(cur_slot + kl_off, bl, mask=kl_msk)
-    if SEQ_AXIS:  # softmax over the real positions
-        live = kvalid & mrow
+    if SEQ_AXIS:  # softmax over the real positions (1) or all of them (2); c = 0 at padded
+        live = kvalid & _softmax_row(mrow, l, L, SEQ_AXIS)
         x = tl.where(live, bl, _NEG)
         if ONLINE:
             m_new = tl.maximum(m_run, tl.max(x, axis=1, keep_dims=True))
             alpha = tl.exp(m_run - m_new)
             e = tl.where(live, tl.exp(x - m_new), 0.0)
             den = den * alpha + tl.sum(e, axis=1, keep_dims=True)
-            s_acc = s_acc * alpha + _dot_l(e, ut, kk, PER_POS, BLOCK_K, BLOCK_D, ACC)
+            s_acc = s_acc * alpha + _dot_l(tl.where(mrow, e, 0.0), ut, kk, PER_POS, BLOCK_K,
+                                           BLOCK_D, ACC)
             m_run = m_new
         else:
             # normalise before contracting: no per-interest scalar from a reduction over l
@@ -283,7 +308,8 @@ def _fwd_chunk(l0, ut, prev_slot, cur_slot, init_row, mask_row, v_prev, s_acc, m
             m_run = tl.max(x, axis=1, keep_dims=True)
             e = tl.where(live, tl.exp(x - m_run), 0.0)
             den = tl.sum(e, axis=1, keep_dims=True)
-            s_acc = _dot_l(e * _inv_den(den), ut, kk, PER_POS, BLOCK_K, BLOCK_D, ACC)
+            s_acc = _dot_l(tl.where(mrow, e, 0.0) * _inv_den(den), ut, kk, PER_POS, BLOCK_K,
+                           BLOCK_D, ACC)
     else:
         c = _probs(bl, kvalid, mrow, m_run, den, False) * mrow.to(ACC)
         if ONLINE:
@@ -353,7 +379,7 @@ def _fwd_iterations(u_row, u_res, mask_row, init_row, blog_row, sall_row, mall_r
 
 
 @triton.jit
-def _bwd_chunk(l0, ut, blog_i, gb_in, gb_out, mask_row, gs, m_i, inv_i, g_v_next, ssum,
+def _bwd_chunk(l0, ut, blog_i, gb_in, gb_out, mask_row, gs, m_i, inv_i, g_v_next, ssum, pu_pad,
                kk, ll, kvalid, L, SEQ_AXIS: tl.constexpr, PER_POS: tl.constexpr,
                ONLINE: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr,
                BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -361,14 +387,15 @@ def _bwd_chunk(l0, ut, blog_i, gb_in, gb_out, mask_row, gs, m_i, inv_i, g_v_next
     g_b_i = g_b_{i+1} + g_p stored to gb_out, and its share of g_v_{i-1} = sum_l g_b_i u.
 
     Sequence axis with ONLINE (several chunks): gb_out gets G = g_b_{i+1} + p g_c and ssum the
-    row sums of p g_c; the caller finishes g_b_i = G - ssum p and g_v -= ssum s_i.
+    row sums of p g_c; the caller finishes g_b_i = G - ssum p and g_v -= ssum sum_l p u,
+    where sum_l p u = s_i + pu_pad (pu_pad: the padded positions' share, SEQ_AXIS 2 only).
     """
     l = l0 + ll
     mrow = _mask_row(mask_row, l0, ll, L)
     kl_off = kk * L + l
     kl_msk = kvalid & (l < L)
     bl = tl.load(blog_i + kl_off, mask=kl_msk, other=0.0)
-    p = _probs(bl, kvalid, mrow, m_i, inv_i, SEQ_AXIS)
+    p = _probs(bl, kvalid, _softmax_row(mrow, l, L, SEQ_AXIS), m_i, inv_i, SEQ_AXIS)
     g_c = _dot_d(ut, gs, kk, PER_POS, BLOCK_K, BLOCK_L, ACC) * mrow.to(ACC)
     # gradient w.r.t. b_{i+1} (slot T-1 is zeros: none after the last iteration)
     g_b = tl.load(gb_in + kl_off, mask=kl_msk, other=0.0)
@@ -377,13 +404,15 @@ def _bwd_chunk(l0, ut, blog_i, gb_in, gb_out, mask_row, gs, m_i, inv_i, g_v_next
         if ONLINE:
             ssum += tl.sum(pg, axis=1, keep_dims=True)
             g_b = g_b + pg
+            if SEQ_AXIS == 2:
+                pu_pad += _dot_l(tl.where(mrow, 0.0, p), ut, kk, PER_POS, BLOCK_K, BLOCK_D, ACC)
         else:
             g_b = g_b + pg - p * tl.sum(pg, axis=1, keep_dims=True)
     else:
         g_b = g_b + pg - p * tl.sum(pg, axis=0, keep_dims=True)
     tl.store(gb_out + kl_off, g_b, mask=kl_msk)
     g_v_next += _dot_l(g_b, ut, kk, PER_POS, BLOCK_K, BLOCK_D, ACC)
-    return g_v_next, ssum
+    return g_v_next, ssum, pu_pad
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -428,7 +457,8 @@ def _routing_fwd_kernel(u_ptr, mask_ptr, init_ptr, v_ptr, c_ptr, s_ptr, blog_ptr
         kl_off = kk * L + l
         kl_msk = kvalid & (l < L)
         bl = tl.load(last_slot + kl_off, mask=kl_msk, other=0.0)
-        c = _probs(bl, kvalid, mrow, m_run, inv_den, SEQ_AXIS) * mrow.to(ACC)
+        c = _probs(bl, kvalid, _softmax_row(mrow, l, L, SEQ_AXIS), m_run, inv_den,
+                   SEQ_AXIS) * mrow.to(ACC)
         tl.store(c_row + kl_off, c, mask=kl_msk)
 
 
@@ -504,22 +534,23 @@ def _routing_bwd_kernel(gv_ptr, u_ptr, mask_ptr, init_ptr, c_ptr, s_ptr, gu_ptr,
                 inv_i = m_i
             g_v_next = _zeros_kd(PER_POS, BLOCK_K, BLOCK_D, ACC)
             ssum = _zeros_k(PER_POS, BLOCK_K, ACC)
+            pu_pad = _zeros_kd(PER_POS, BLOCK_K, BLOCK_D, ACC)
             if ONE_CHUNK:
-                g_v_next, ssum = _bwd_chunk(
+                g_v_next, ssum, pu_pad = _bwd_chunk(
                     0, u_res, blog_row + i * KL, gb_row + i * KL, gb_row + (i - 1) * KL,
-                    mask_row, gs, m_i, inv_i, g_v_next, ssum, kk, ll, kvalid, L, SEQ_AXIS,
+                    mask_row, gs, m_i, inv_i, g_v_next, ssum, pu_pad, kk, ll, kvalid, L, SEQ_AXIS,
                     PER_POS, False, ACC, BLOCK_K, BLOCK_L, BLOCK_D)
                 u_res = _opaque(u_res, L)
             else:
                 for l0 in range(0, L, BLOCK_L):
                     ut = _load_u(u_row, l0, kk, lu, du, K, L, D, sUk, sUl, PER_POS, ACC)
-                    g_v_next, ssum = _bwd_chunk(
+                    g_v_next, ssum, pu_pad = _bwd_chunk(
                         l0, ut, blog_row + i * KL, gb_row + i * KL, gb_row + (i - 1) * KL,
-                        mask_row, gs, m_i, inv_i, g_v_next, ssum, kk, ll, kvalid, L, SEQ_AXIS,
-                        PER_POS, True, ACC, BLOCK_K, BLOCK_L, BLOCK_D)
+                        mask_row, gs, m_i, inv_i, g_v_next, ssum, pu_pad, kk, ll, kvalid, L,
+                        SEQ_AXIS, PER_POS, True, ACC, BLOCK_K, BLOCK_L, BLOCK_D)
                 if SEQ_AXIS:
-                    # g_b_i = G - ssum * p_i, and sum_l p_i u = s_i
-                    g_v_next -= ssum * s_i
+                    # g_b_i = G - ssum * p_i, and sum_l p_i u = s_i (+ the padded share)
+                    g_v_next -= ssum * (s_i + pu_pad)
                     tl.debug_barrier()
                     for l0 in range(0, L, BLOCK_L):
                         l = l0 + ll
@@ -527,7 +558,8 @@ def _routing_bwd_kernel(gv_ptr, u_ptr, mask_ptr, init_ptr, c_ptr, s_ptr, gu_ptr,
                         kl_off = kk * L + l
                         kl_msk = kvalid & (l < L)
                         bl = tl.load(blog_row + i * KL + kl_off, mask=kl_msk, other=0.0)
-                        p = _probs(bl, kvalid, mrow, m_i, inv_i, SEQ_AXIS)
+                        p = _probs(bl, kvalid, _softmax_row(mrow, l, L, SEQ_AXIS), m_i,
+                                   inv_i, SEQ_AXIS)
                         gbp = gb_row + (i - 1) * KL + kl_off
                         g_b = tl.load(gbp, mask=kl_msk, other=0.0)
                         tl.store(gbp, g_b - ssum * p, mask=kl_msk)
@@ -552,7 +584,8 @@ def _routing_bwd_kernel(gv_ptr, u_ptr, mask_ptr, init_ptr, c_ptr, s_ptr, gu_ptr,
                     m_i = _zeros_k(PER_POS, BLOCK_K, ACC)
                     inv_i = m_i
                 bl = tl.load(blog_row + i * KL + kl_off, mask=kl_msk, other=0.0)
-                c = _probs(bl, kvalid, mrow, m_i, inv_i, SEQ_AXIS) * mf
+                c = _probs(bl, kvalid, _softmax_row(mrow, l, L, SEQ_AXIS), m_i, inv_i,
+                           SEQ_AXIS) * mf
                 gs_i = tl.load(gs_row + i * KD + kd_off, mask=kd_msk, other=0.0)
                 g_b = tl.load(gb_row + i * KL + kl_off, mask=kl_msk, other=0.0)  # 0 at i = T-1
                 v_i = _squash(tl.load(sall_row + i * KD + kd_off, mask=kd_msk, other=0.0), PER_POS)
@@ -560,6 +593,116 @@ def _routing_bwd_kernel(gv_ptr, u_ptr, mask_ptr, init_ptr, c_ptr, s_ptr, gu_ptr,
                 acc = _outer_acc(acc, g_b, v_i, kk, PER_POS, BLOCK_K)
             ptrs, msk = _u_ptrs(gu_row, l0, kk, lu, du, K, L, D, sUk, sUl, PER_POS)
             tl.store(ptrs, acc.to(gu_ptr.dtype.element_ty), mask=msk)
+
+
+# ----------------------------------------------------------------------------- fused MIND
+# MIND's shared (d, d) map fused into the routing kernels: each program computes its row's
+# u = E_b · Wᵀ with one tl.dot (u never goes to global memory), and the detached backward turns
+# grad_u into dE_b = grad_u · W and its share of dW = Σ_b grad_uᵀ · E_b with two more dots.
+@triton.jit
+def _mind_e_tile(e_ptr, mask_ptr, b, lu, du, L, D, SEQ_AXIS: tl.constexpr):
+    """E_b (BLOCK_L, BLOCK_D) in its own dtype; zero at padded positions (except SEQ_AXIS 2,
+    torch-rechub, whose padded positions are data) and outside (L, D)."""
+    keep = lu < L
+    if SEQ_AXIS != 2:
+        keep = keep & (tl.load(mask_ptr + b * L + lu, mask=lu < L, other=0) != 0)
+    return tl.load(e_ptr + b * L * D + lu * D + du, mask=keep & (du < D), other=0.0)
+
+
+@triton.jit
+def _routing_mind_fwd_kernel(e_ptr, w_ptr, mask_ptr, init_ptr, v_ptr, c_ptr, s_ptr, blog_ptr,
+                             K, L, D,
+                             ITERS: tl.constexpr, HAS_INIT: tl.constexpr,
+                             SEQ_AXIS: tl.constexpr, CAST_F32: tl.constexpr,
+                             PREC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
+                             BLOCK_D: tl.constexpr):
+    """One program per batch row b: u = E_b · Wᵀ (tl.dot, fp32 accumulation), then the
+    routing iterations on the register-resident u (as ``_routing_fwd_kernel``, ONE_CHUNK).
+
+    e_ptr: (B, L, D); w_ptr: (D, D) nn.Linear orientation (u = e · wᵀ); other pointers as
+    ``_routing_fwd_kernel``. CAST_F32: half tiles go to fp32 before the dot (interpreter).
+    """
+    b = tl.program_id(0).to(tl.int64)
+    kk, ll, dd, lu, du = _indices(False, BLOCK_K, BLOCK_L, BLOCK_D)
+    kvalid = kk < K
+    e = _mind_e_tile(e_ptr, mask_ptr, b, lu, du, L, D, SEQ_AXIS)
+    ii = tl.arange(0, BLOCK_D)[:, None]  # input feature
+    oo = tl.arange(0, BLOCK_D)[None, :]  # output feature
+    wt = tl.load(w_ptr + oo * D + ii, mask=(ii < D) & (oo < D), other=0.0)  # Wᵀ (in, out)
+    if CAST_F32:
+        e = e.to(tl.float32)
+        wt = wt.to(tl.float32)
+    u_res = tl.dot(e, wt, input_precision=PREC)  # (BLOCK_L, BLOCK_D) fp32
+    mask_row = mask_ptr + b * L
+    init_row = init_ptr + b * K * L
+    c_row = c_ptr + b * K * L
+    blog_row = blog_ptr + b * 2 * K * L
+    s, v, m_run, den, u_res = _fwd_iterations(
+        e_ptr, u_res, mask_row, init_row, blog_row, c_row, c_row, c_row,
+        kk, ll, dd, lu, du, K, L, D, 0, D, K * L, True,
+        ITERS, HAS_INIT, SEQ_AXIS, False, True, False, tl.float32, BLOCK_K, BLOCK_L, BLOCK_D)
+    kd_off = b * K * D + kk * D + dd
+    kd_msk = kvalid & (dd < D)
+    tl.store(v_ptr + kd_off, v.to(v_ptr.dtype.element_ty), mask=kd_msk)
+    tl.store(s_ptr + kd_off, s, mask=kd_msk)
+    inv_den = _inv_den(den)
+    last_slot = blog_row + ((ITERS - 1) % 2) * K * L
+    mrow = _mask_row(mask_row, 0, ll, L)
+    kl_off = kk * L + ll
+    kl_msk = kvalid & (ll < L)
+    bl = tl.load(last_slot + kl_off, mask=kl_msk, other=0.0)
+    c = _probs(bl, kvalid, _softmax_row(mrow, ll, L, SEQ_AXIS), m_run, inv_den,
+               SEQ_AXIS) * mrow.to(tl.float32)
+    tl.store(c_row + kl_off, c, mask=kl_msk)
+
+
+@triton.jit
+def _routing_mind_bwd_kernel(gv_ptr, e_ptr, w_ptr, mask_ptr, c_ptr, s_ptr, de_ptr, dwp_ptr,
+                             B, K, L, D,
+                             SEQ_AXIS: tl.constexpr, CAST_F32: tl.constexpr,
+                             PREC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
+                             BLOCK_D: tl.constexpr):
+    """Detached backward of the fused MIND routing; program p takes rows p, p + P, ...
+
+    grad_u_b = Σ_k c_last[b,k,:]ᵀ squash_bwd(s_last[b,k], grad_v[b,k]) (BLOCK_L, BLOCK_D),
+    dE_b = grad_u_b · W written in E's dtype (zero at padded positions), and
+    dW_p = Σ_{b of p} grad_u_bᵀ · E_b accumulated in fp32 registers, written once to
+    dwp_ptr[p] (P, D, D): the caller sums the P partials (no atomics, deterministic).
+    grad_u meets the dots in E's dtype (as the unfused path's GEMMs see it), fp32 under
+    CAST_F32.
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    kk, ll, dd, lu, du = _indices(False, BLOCK_K, BLOCK_L, BLOCK_D)
+    kvalid = kk < K
+    kd_msk = kvalid & (dd < D)
+    kl_msk = kvalid & (ll < L)
+    oo = tl.arange(0, BLOCK_D)[:, None]  # output feature (rows of W)
+    ii = tl.arange(0, BLOCK_D)[None, :]  # input feature
+    dw = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    zero64 = pid.to(tl.int64) * 0
+    for row in range(pid, B, nprog):
+        b = zero64 + row  # int64 before pointer math
+        gv = tl.load(gv_ptr + b * K * D + kk * D + dd, mask=kd_msk, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + b * K * D + kk * D + dd, mask=kd_msk, other=0.0)
+        gs = _squash_bwd(s, gv, False)
+        c = tl.load(c_ptr + b * K * L + kk * L + ll, mask=kl_msk, other=0.0)
+        gu = _outer_acc(tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32), c, gs, kk, False,
+                        BLOCK_K)
+        e = _mind_e_tile(e_ptr, mask_ptr, b, lu, du, L, D, SEQ_AXIS)
+        if CAST_F32:
+            e = e.to(tl.float32)
+        gu_op = gu.to(e.dtype)  # deliberate: bf16/fp16 operands on tensor cores
+        # W (out, in) re-read per row from L1/L2 rather than held across the loop: with the dW
+        # accumulator live, a loop-carried W tile pushes fp32 (tf32x3) past 255 registers
+        w = tl.load(w_ptr + oo * D + ii, mask=(oo < D) & (ii < D), other=0.0)
+        if CAST_F32:
+            w = w.to(tl.float32)
+        de = tl.dot(gu_op, w, input_precision=PREC)  # (BLOCK_L, BLOCK_D)
+        tl.store(de_ptr + b * L * D + lu * D + du, de.to(de_ptr.dtype.element_ty),
+                 mask=(lu < L) & (du < D))
+        dw = tl.dot(tl.trans(gu_op), e, dw, input_precision=PREC)  # accumulate in place
+    tl.store(dwp_ptr + pid.to(tl.int64) * D * D + oo * D + ii, dw, mask=(oo < D) & (ii < D))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -593,13 +736,19 @@ def _layout(u_shape, num_interests: int, per_pos: bool):
     return B, num_interests, L, d, L * d, 0, d
 
 
+def _seq_mode(seq_axis: bool, seq_all: bool) -> int:
+    """SEQ_AXIS constexpr: 0 interest axis, 1 sequence (real positions), 2 sequence over all L
+    positions (torch-rechub)."""
+    return 2 if seq_all else (1 if seq_axis else 0)
+
+
 def _routing_fwd(u: torch.Tensor, mask: torch.Tensor, init_logits: Optional[torch.Tensor],
-                 num_interests: int, iters: int, seq_axis: bool, *,
+                 num_interests: int, iters: int, seq_axis: bool, seq_all: bool = False, *,
                  block_l: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Capsule routing forward.
 
     u: (B, L, d) shared or (L, B, K, d) per position; mask: (B, L) bool; init_logits: (B, K, L)
-    or None. Returns v (B, K, d) in u's dtype, c_last (B, K, L) and s_last (B, K, d) in fp32
+    or None; seq_all: the sequence softmax over all L positions (torch-rechub). Returns v (B, K, d) in u's dtype, c_last (B, K, L) and s_last (B, K, d) in fp32
     (fp64 when u is fp64).
     """
     if iters < 1:
@@ -624,7 +773,7 @@ def _routing_fwd(u: torch.Tensor, mask: torch.Tensor, init_logits: Optional[torc
     BK, BL, BD, one, nw = _blocks(K, L, d, per_pos, block_l)
     _routing_fwd_kernel[(B,)](
         u, mask_u8, init, v, c_last, s_last, blog, K, L, d, sUb, sUk, sUl,
-        ITERS=int(iters), HAS_INIT=has_init, SEQ_AXIS=bool(seq_axis), PER_POS=per_pos,
+        ITERS=int(iters), HAS_INIT=has_init, SEQ_AXIS=_seq_mode(seq_axis, seq_all), PER_POS=per_pos,
         ONE_CHUNK=one, ACC=tl_acc_dtype(u.dtype), BLOCK_K=BK, BLOCK_L=BL, BLOCK_D=BD,
         num_warps=nw)
     return v, c_last, s_last
@@ -633,7 +782,7 @@ def _routing_fwd(u: torch.Tensor, mask: torch.Tensor, init_logits: Optional[torc
 def _routing_bwd(grad_v: torch.Tensor, u: Optional[torch.Tensor], mask: torch.Tensor,
                  init_logits: Optional[torch.Tensor], c_last: torch.Tensor,
                  s_last: torch.Tensor, num_interests: int, iters: int, seq_axis: bool,
-                 detach: bool, per_position: bool, *,
+                 detach: bool, per_position: bool, seq_all: bool = False, *,
                  block_l: Optional[int] = None) -> torch.Tensor:
     """Capsule routing backward.
 
@@ -670,7 +819,7 @@ def _routing_bwd(grad_v: torch.Tensor, u: Optional[torch.Tensor], mask: torch.Te
             grad_v, dummy, mask_u8, dummy, c, s, grad_u,
             dummy, dummy, dummy, dummy, dummy, dummy,
             K, L, d, sUb, sUk, sUl,
-            ITERS=T, HAS_INIT=False, SEQ_AXIS=bool(seq_axis), PER_POS=per_pos, DETACH=True,
+            ITERS=T, HAS_INIT=False, SEQ_AXIS=_seq_mode(seq_axis, seq_all), PER_POS=per_pos, DETACH=True,
             ONE_CHUNK=one, ACC=tl_acc_dtype(acc), BLOCK_K=BK, BLOCK_L=BL, BLOCK_D=BD, num_warps=nw)
         return grad_u
     if u is None:
@@ -696,6 +845,96 @@ def _routing_bwd(grad_v: torch.Tensor, u: Optional[torch.Tensor], mask: torch.Te
         grad_v, u, mask_u8, init, blog, blog, grad_u,
         blog, sall, mall, dall, gs, gb,
         K, L, d, sUb, sUk, sUl,
-        ITERS=T, HAS_INIT=has_init, SEQ_AXIS=bool(seq_axis), PER_POS=per_pos, DETACH=False,
+        ITERS=T, HAS_INIT=has_init, SEQ_AXIS=_seq_mode(seq_axis, seq_all), PER_POS=per_pos, DETACH=False,
         ONE_CHUNK=one, ACC=tl_acc_dtype(u.dtype), BLOCK_K=BK, BLOCK_L=BL, BLOCK_D=BD, num_warps=nw)
     return grad_u
+
+
+# ----------------------------------------------------------------------------- fused MIND launchers
+def mind_fusable(L: int, d: int, dtype: torch.dtype) -> bool:
+    """True when the fused MIND kernels take (seq_len L, dim d, dtype): fp32/bf16/fp16 and a
+    row's u tile (pow2(L) x pow2(d), each at least 16 for tl.dot) small enough to stay in
+    registers (_RESIDENT_MAX elements)."""
+    return (dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and pow2(L, 16) * pow2(d, 16) <= _RESIDENT_MAX)
+
+
+def _mind_flags(x: torch.Tensor):
+    """(CAST_F32, PREC): half tiles go to fp32 before tl.dot under the interpreter (its bf16
+    dot is broken); fp32 dots follow torch's matmul precision."""
+    cast = interpreting() and x.dtype in (torch.float16, torch.bfloat16)
+    prec = fp32_dot_precision() if (x.dtype == torch.float32 or cast) else "tf32"
+    return cast, prec
+
+
+def _mind_blocks(K: int, L: int, d: int):
+    BK, BL, BD = pow2(K), pow2(L, 16), pow2(d, 16)
+    num_warps = max(4, min(8, (BL * BD) // (32 * _ELEMS_PER_THREAD)))
+    return BK, BL, BD, num_warps
+
+
+def _routing_mind_fwd(seq_emb: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
+                      init_logits: Optional[torch.Tensor], num_interests: int, iters: int,
+                      seq_axis: bool, seq_all: bool = False
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused MIND forward: u = seq_emb · weightᵀ inside the routing kernel.
+
+    seq_emb: (B, L, d); weight: (d, d); mask: (B, L) bool; init_logits: (B, K, L) or None.
+    Returns v (B, K, d) in seq_emb's dtype, c_last (B, K, L) and s_last (B, K, d) fp32, as
+    ``_routing_fwd``. Padded positions of seq_emb are ignored unless seq_all.
+    """
+    B, L, d = seq_emb.shape
+    K = num_interests
+    if not mind_fusable(L, d, seq_emb.dtype):
+        raise ValueError(f"fused MIND routing: L={L}, d={d}, {seq_emb.dtype} not supported "
+                         "(see mind_fusable)")
+    e = seq_emb.contiguous()
+    w = weight.contiguous()
+    dev = e.device
+    v = torch.empty(B, K, d, dtype=e.dtype, device=dev)
+    c_last = torch.empty(B, K, L, dtype=torch.float32, device=dev)
+    s_last = torch.empty(B, K, d, dtype=torch.float32, device=dev)
+    mask_u8 = (mask if mask.dtype == torch.bool else mask != 0).contiguous().view(torch.uint8)
+    has_init = init_logits is not None
+    init = init_logits.detach().float().contiguous() if has_init else c_last
+    blog = torch.empty(B, 2, K, L, dtype=torch.float32, device=dev)
+    BK, BL, BD, nw = _mind_blocks(K, L, d)
+    cast, prec = _mind_flags(e)
+    _routing_mind_fwd_kernel[(B,)](
+        e, w, mask_u8, init, v, c_last, s_last, blog, K, L, d,
+        ITERS=int(iters), HAS_INIT=has_init, SEQ_AXIS=_seq_mode(seq_axis, seq_all),
+        CAST_F32=cast, PREC=prec, BLOCK_K=BK, BLOCK_L=BL, BLOCK_D=BD, num_warps=nw)
+    return v, c_last, s_last
+
+
+def _routing_mind_bwd(grad_v: torch.Tensor, seq_emb: torch.Tensor, weight: torch.Tensor,
+                      mask: torch.Tensor, c_last: torch.Tensor, s_last: torch.Tensor,
+                      num_interests: int, seq_all: bool = False, *,
+                      programs: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused MIND backward, iterations before the last detached.
+
+    Returns (grad seq_emb (B, L, d) in seq_emb's dtype, grad weight (d, d) in weight's dtype).
+    dW is reduced in two stages: per-program fp32 partials (P, d, d), summed here.
+    programs: P (default: B on the interpreter's 4 "SMs" scale, 2 per SM on a GPU).
+    """
+    B, L, d = seq_emb.shape
+    K = num_interests
+    e = seq_emb.contiguous()
+    w = weight.contiguous()
+    dev = e.device
+    if programs is None:
+        programs = 2 * num_sms(dev)
+    P = max(1, min(B, int(programs)))
+    de = torch.empty_like(e)
+    dwp = torch.empty(P, d, d, dtype=torch.float32, device=dev)
+    mask_u8 = (mask if mask.dtype == torch.bool else mask != 0).contiguous().view(torch.uint8)
+    BK, BL, BD, nw = _mind_blocks(K, L, d)
+    cast, prec = _mind_flags(e)
+    _routing_mind_bwd_kernel[(P,)](
+        grad_v.contiguous(), e, w, mask_u8, c_last.contiguous(), s_last.contiguous(), de, dwp,
+        B, K, L, d, SEQ_AXIS=2 if seq_all else 0, CAST_F32=cast, PREC=prec,
+        BLOCK_K=BK, BLOCK_L=BL, BLOCK_D=BD, num_warps=nw,
+        # no software pipelining of the row loop: its stage buffers and the registers that
+        # feed them are what pushed fp32 (tf32x3) into spills on sm_90
+        **({"num_stages": 1} if gpu_tuned(dev) else {}))
+    return de, dwp.sum(0).to(weight.dtype)

@@ -6,9 +6,12 @@
 //   u(k, l) = u + k*sk + l*sl   the d-vector u_hat[k, l, :] (contiguous over d);
 //                               shared layout (MIND): sk = 0; per-position (ComiRec-DR): sk != 0.
 //   blog (K, L) routing logits, c (K, L) couplings, s / v (K, d) capsules before / after squash.
-// Padded positions (mask false) have c = 0 in every iteration for both softmax axes, hence no
-// effect on any output or gradient: every loop below runs over the real positions only, and the
-// gradient at a padded position is exactly zero.
+// Padded positions (mask false) have c = 0 in every iteration for every softmax, hence no effect
+// on any output or gradient: every loop below runs over the real positions only, and the
+// gradient at a padded position is exactly zero. The exception is D.seq_all (torch-rechub's
+// sequence softmax): there the softmax runs over all L positions and the logits of padded
+// positions are updated like the others, so the loops that touch logits run over all positions
+// ("logit positions" idx_b below) and only the coupling sums stay on the real ones.
 //
 // Element type T: float, double, or any type with static_cast to/from float (at::BFloat16,
 // at::Half). Arithmetic is in acc_t<T>: double for double, float otherwise. Inputs of a type other
@@ -175,6 +178,8 @@ struct Dims {
   int64_t d = 1;      // capsule dim
   int64_t iters = 3;  // routing iterations, >= 1
   bool seq_axis = false;  // softmax over the sequence axis (true) or the interest axis (false)
+  bool seq_all = false;   // with seq_axis: over all L positions, padded ones included
+                          // (torch-rechub), c zeroed at padded positions afterwards
   bool shared = false;    // u is the same for every k (MIND); else one u per (k, l)
   int64_t k_eff() const { return shared ? 1 : K; }
 };
@@ -187,7 +192,7 @@ struct URow {
   const A* at(int64_t k, int64_t l) const { return p + k * sk + l * sl; }
 };
 
-// Number of acc_t elements of scratch the calls below need per thread (plus L int32 indices).
+// Number of acc_t elements of scratch the calls below need per thread (plus idx_elems int32).
 template <class T>
 inline size_t conv_elems(const Dims& D) {  // u converted to acc_t, only when T != acc_t
   return std::is_same<T, acc_t<T>>::value ? 0 : size_t(D.L * D.k_eff() * D.d);
@@ -208,12 +213,28 @@ inline size_t bwd_scratch_elems(const Dims& D, bool detach) {
          size_t(D.d) /*output row*/;
 }
 
+// int32 index scratch the row functions need: the real positions, then the logit positions.
+inline size_t idx_elems(const Dims& D) { return size_t(2 * D.L + 2); }
+
 // Collects the real positions of the row; returns their count.
 inline int64_t real_positions(const bool* mask, int64_t L, int32_t* idx) {
   int64_t n = 0;
   for (int64_t l = 0; l < L; ++l)
     if (mask[l]) idx[n++] = int32_t(l);
   return n;
+}
+
+// The positions whose logits are kept: all L with D.seq_all, else the real ones (idx itself).
+// idx: idx_elems(D) int32, the real positions already in its first nreal entries.
+inline const int32_t* logit_positions(const Dims& D, int32_t* idx, int64_t nreal, int64_t* nb) {
+  if (!D.seq_all) {
+    *nb = nreal;
+    return idx;
+  }
+  int32_t* all = idx + D.L + 1;
+  for (int64_t l = 0; l < D.L; ++l) all[l] = int32_t(l);
+  *nb = D.L;
+  return all;
 }
 
 // u of one row as acc_t: the input itself when T == acc_t, else converted (real positions only)
@@ -250,7 +271,7 @@ inline void softmax_interest_col(const A* x, A* c, int64_t K, int64_t L, int64_t
   for (int64_t k = 0; k < K; ++k) c[k * L + l] *= inv;
 }
 
-// Softmax over the real positions of row k of x (K, L) -> c; padded entries untouched (zero).
+// Softmax over the positions idx of row k of x (K, L) -> c; other entries untouched.
 template <class A>
 inline void softmax_seq_row(const A* x, A* c, int64_t L, int64_t k, const int32_t* idx,
                             int64_t nreal) {
@@ -305,25 +326,28 @@ inline void dots_real(const URow<A>& u, const A* v, const int32_t* idx, int64_t 
 // Each iteration after the first: one pass of dot products (logit update), the softmax, then one
 // pass accumulating s four positions at a time (the row of u stays in cache between them).
 // ---------------------------------------------------------------------------------------------
+// idx_b / nb: the logit positions (logit_positions); with D.seq_all, C holds the softmax p at
+// padded positions too (the couplings there are zero: only real positions enter s).
 template <class A>
 inline void fwd_iterate(const Dims& D, const URow<A>& u, const int32_t* idx, int64_t nreal,
-                        const A* init, int64_t init_sk, A* blog, A* C, int64_t c_step, A* S,
-                        int64_t s_step, A* V, int64_t v_step) {
+                        const int32_t* idx_b, int64_t nb, const A* init, int64_t init_sk,
+                        A* blog, A* C, int64_t c_step, A* S, int64_t s_step, A* V,
+                        int64_t v_step) {
   const int64_t K = D.K, L = D.L, d = D.d, T = D.iters;
   for (int64_t k = 0; k < K; ++k)
-    for (int64_t r = 0; r < nreal; ++r) {
-      const int64_t l = idx[r];
+    for (int64_t r = 0; r < nb; ++r) {
+      const int64_t l = idx_b[r];
       blog[k * L + l] = init ? init[k * init_sk + l] : A(0);
     }
   for (int64_t it = 0; it < T; ++it) {
     A* c = C + it * c_step;
     A* s = S + it * s_step;
     const A* vprev = it > 0 ? V + (it - 1) * v_step : nullptr;
-    if (vprev) dots_real<true>(u, vprev, idx, nreal, K, L, d, blog);
+    if (vprev) dots_real<true>(u, vprev, idx_b, nb, K, L, d, blog);
     if (!D.seq_axis)
       for (int64_t r = 0; r < nreal; ++r) softmax_interest_col(blog, c, K, L, idx[r]);
     else
-      for (int64_t k = 0; k < K; ++k) softmax_seq_row(blog, c, L, k, idx, nreal);
+      for (int64_t k = 0; k < K; ++k) softmax_seq_row(blog, c, L, k, idx_b, nb);
     weighted_sum(u, c, idx, nreal, K, L, d, s);
     A* v = V + it * v_step;
     for (int64_t k = 0; k < K; ++k) squash_fwd(s + k * d, v + k * d, d);
@@ -336,7 +360,7 @@ inline void fwd_iterate(const Dims& D, const URow<A>& u, const int32_t* idx, int
 //   mask: L bools (true = real item); init: (K, L) at init[k*init_sk + l] or nullptr
 //   v_out (K, d) contiguous, T; c_out (K, L) contiguous, acc_t (c of the last iteration);
 //   s_out (K, d) contiguous, acc_t (s of the last iteration). c_out / s_out may be nullptr.
-//   ws: fwd_scratch_elems<T>(D) acc_t; idx: L int32.
+//   ws: fwd_scratch_elems<T>(D) acc_t; idx: idx_elems(D) int32.
 // ---------------------------------------------------------------------------------------------
 template <class T>
 inline void routing_fwd_row(const Dims& D, const T* u, int64_t u_sk, int64_t u_sl,
@@ -345,14 +369,20 @@ inline void routing_fwd_row(const Dims& D, const T* u, int64_t u_sk, int64_t u_s
   using A = acc_t<T>;
   const int64_t K = D.K, L = D.L, d = D.d;
   const int64_t nreal = real_positions(mask, L, idx);
+  int64_t nb = 0;
+  const int32_t* idx_b = logit_positions(D, idx, nreal, &nb);
   A* conv = ws;
   A* blog = conv + conv_elems<T>(D);
   A* c = blog + K * L;
   A* s = c + K * L;
   A* v = s + K * d;
   fill(c, A(0), K * L);
-  const URow<A> ur = load_u<T>(D, u, u_sk, u_sl, idx, nreal, conv);
-  fwd_iterate<A>(D, ur, idx, nreal, init, init_sk, blog, c, 0, s, 0, v, 0);
+  const URow<A> ur = load_u<T>(D, u, u_sk, u_sl, idx_b, nb, conv);
+  fwd_iterate<A>(D, ur, idx, nreal, idx_b, nb, init, init_sk, blog, c, 0, s, 0, v, 0);
+  if (D.seq_all)  // c = p m: zero at padded positions
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t l = 0; l < L; ++l)
+        if (!mask[l]) c[k * L + l] = A(0);
   convert(v_out, v, K * d);
   if (c_out) copy(c_out, c, K * L);
   if (s_out) copy(s_out, s, K * d);
@@ -368,13 +398,14 @@ struct Terms {
   int64_t n;
 };
 
-// Writes one row of grad_u: out(k, l) = sum of both term groups at (k, l) for real l, zero for
-// padded l; the shared layout sums over k into out(l). row: d acc_t of scratch, used only when
-// T != acc_t (else the sums go straight to the output).
+// Writes one row of grad_u: out(k, l) = sum of both term groups at (k, l) for real l; for
+// padded l zero, or only the g2 terms when pad_g2 (D.seq_all: the logits of padded positions
+// depend on u there); the shared layout sums over k into out(l). row: d acc_t of scratch, used
+// only when T != acc_t (else the sums go straight to the output).
 template <class T>
 inline void write_grad_u(const Dims& D, const bool* mask, const Terms<acc_t<T>>& g1,
                          const Terms<acc_t<T>>& g2, T* out, int64_t o_sk, int64_t o_sl,
-                         acc_t<T>* row) {
+                         acc_t<T>* row, bool pad_g2 = false) {
   using A = acc_t<T>;
   constexpr bool kDirect = std::is_same<T, A>::value;
   const int64_t K = D.K, L = D.L, d = D.d;
@@ -382,7 +413,7 @@ inline void write_grad_u(const Dims& D, const bool* mask, const Terms<acc_t<T>>&
   for (int64_t l = 0; l < L; ++l) {
     for (int64_t ko = 0; ko < kout; ++ko) {
       T* o = out + ko * o_sk + l * o_sl;
-      if (!mask[l]) {
+      if (!mask[l] && !pad_g2) {
         for (int64_t j = 0; j < d; ++j) o[j] = static_cast<T>(A(0));
         continue;
       }
@@ -391,8 +422,9 @@ inline void write_grad_u(const Dims& D, const bool* mask, const Terms<acc_t<T>>&
       LinAcc<A> acc(y, d);
       const int64_t k0 = D.shared ? 0 : ko, k1 = D.shared ? K : ko + 1;
       for (int64_t k = k0; k < k1; ++k) {
-        for (int64_t t = 0; t < g1.n; ++t)
-          acc.add(g1.coef[t * g1.coef_step + k * L + l], g1.vec + t * g1.vec_step + k * d);
+        if (mask[l])
+          for (int64_t t = 0; t < g1.n; ++t)
+            acc.add(g1.coef[t * g1.coef_step + k * L + l], g1.vec + t * g1.vec_step + k * d);
         for (int64_t t = 0; t < g2.n; ++t)
           acc.add(g2.coef[t * g2.coef_step + k * L + l], g2.vec + t * g2.vec_step + k * d);
       }
@@ -430,7 +462,7 @@ inline void routing_bwd_detached_row(const Dims& D, const T* grad_v, const bool*
 // ones) the softmax backward needs only c_i. grad_u is written once at the end:
 //   grad_u(k, l) = sum_i c_i[k,l] g_s_i[k] + sum_{i<T-1} g_b_{i+1}[k,l] v_i[k].
 //   u as in routing_fwd_row; grad_v, out as in routing_bwd_detached_row; init as the forward's.
-//   ws: bwd_scratch_elems<T>(D, false) acc_t; idx: L int32.
+//   ws: bwd_scratch_elems<T>(D, false) acc_t; idx: idx_elems(D) int32.
 // ---------------------------------------------------------------------------------------------
 template <class T>
 inline void routing_bwd_full_row(const Dims& D, const T* grad_v, const T* u, int64_t u_sk,
@@ -441,6 +473,8 @@ inline void routing_bwd_full_row(const Dims& D, const T* grad_v, const T* u, int
   const int64_t K = D.K, L = D.L, d = D.d, T_ = D.iters;
   const int64_t KL = K * L, Kd = K * d;
   const int64_t nreal = real_positions(mask, L, idx);
+  int64_t nb = 0;
+  const int32_t* idx_b = logit_positions(D, idx, nreal, &nb);
 
   A* conv = ws;
   A* blog = conv + conv_elems<T>(D);
@@ -454,8 +488,8 @@ inline void routing_bwd_full_row(const Dims& D, const T* grad_v, const T* u, int
   A* gv = gc + KL;
 
   fill(C, A(0), T_ * KL);
-  const URow<A> ur = load_u<T>(D, u, u_sk, u_sl, idx, nreal, conv);
-  fwd_iterate<A>(D, ur, idx, nreal, init, init_sk, blog, C, KL, S, Kd, V, Kd);
+  const URow<A> ur = load_u<T>(D, u, u_sk, u_sl, idx_b, nb, conv);
+  fwd_iterate<A>(D, ur, idx, nreal, idx_b, nb, init, init_sk, blog, C, KL, S, Kd, V, Kd);
 
   fill(gb, A(0), KL);
   convert(gv, grad_v, Kd);
@@ -479,18 +513,20 @@ inline void routing_bwd_full_row(const Dims& D, const T* grad_v, const T* u, int
       for (int64_t k = 0; k < K; ++k) {
         A sum = A(0);
         for (int64_t r = 0; r < nreal; ++r) sum += c[k * L + idx[r]] * gc[k * L + idx[r]];
-        for (int64_t r = 0; r < nreal; ++r) {
-          const int64_t l = idx[r];
-          gb[k * L + l] += c[k * L + l] * (gc[k * L + l] - sum);
+        // c holds p (= the coupling at real positions); d c / d p = m, so g_p = g_c m
+        for (int64_t r = 0; r < nb; ++r) {
+          const int64_t l = idx_b[r];
+          const A g = mask[l] ? gc[k * L + l] : A(0);
+          gb[k * L + l] += c[k * L + l] * (g - sum);
         }
       }
     }
-    weighted_sum(ur, gb, idx, nreal, K, L, d, gv);
+    weighted_sum(ur, gb, idx_b, nb, K, L, d, gv);
   }
 
   // Terms: c_i with g_s_i (all i), g_b_{i+1} with v_i (i < T-1).
   write_grad_u<T>(D, mask, Terms<A>{C, KL, GS, Kd, T_}, Terms<A>{GB, KL, V, Kd, T_ - 1}, out,
-                  o_sk, o_sl, gv + Kd);
+                  o_sk, o_sl, gv + Kd, D.seq_all);
 }
 
 }  // namespace routing

@@ -72,13 +72,15 @@ at::Tensor reusable_empty(at::IntArrayRef shape, const at::TensorOptions& opts) 
   return out;
 }
 
-rc::Dims dims(int64_t K, int64_t L, int64_t d, int64_t iters, bool seq_axis, bool shared) {
+rc::Dims dims(int64_t K, int64_t L, int64_t d, int64_t iters, bool seq_axis, bool shared,
+            bool seq_all) {
   rc::Dims D;
   D.K = K;
   D.L = L;
   D.d = d;
   D.iters = iters;
-  D.seq_axis = seq_axis;
+  D.seq_axis = seq_axis || seq_all;
+  D.seq_all = seq_all;
   D.shared = shared;
   return D;
 }
@@ -89,11 +91,13 @@ int64_t grain_size(int64_t K, int64_t L, int64_t d) {
   return std::max<int64_t>(1, 16384 / work);
 }
 
-// routing_fwd_cpu(u, mask, init_logits, num_interests, iters, seq_axis) -> (v, c_last, s_last)
+// routing_fwd_cpu(u, mask, init_logits, num_interests, iters, seq_axis, seq_all=false)
+//   -> (v, c_last, s_last)
 //   v (B, K, d) u.dtype; c_last (B, K, L), s_last (B, K, d) float32 (float64 for float64 u).
+//   seq_all: the sequence softmax over all L positions, padded ones included (torch-rechub).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_fwd_cpu(
     const at::Tensor& u, const at::Tensor& mask, const std::optional<at::Tensor>& init_logits,
-    int64_t num_interests, int64_t iters, bool seq_axis) {
+    int64_t num_interests, int64_t iters, bool seq_axis, bool seq_all) {
   check_args(num_interests, iters);
   check_cpu(u, "u");
   TORCH_CHECK(is_float_type(u.scalar_type()),
@@ -110,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_fwd_cpu(
   at::Tensor s_last = at::empty({B, K, d}, u.options().dtype(acc));
   if (B == 0) return {v, c_last, s_last};
 
-  const rc::Dims D = dims(K, L, d, iters, seq_axis, lo.shared);
+  const rc::Dims D = dims(K, L, d, iters, seq_axis, lo.shared, seq_all);
   const int64_t mask_sb = mask.stride(0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "routing_fwd_cpu",
@@ -126,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_fwd_cpu(
     A* s_p = s_last.data_ptr<A>();
     at::parallel_for(0, B, grain_size(K, L, d), [&](int64_t b0, int64_t b1) {
       std::vector<A> ws(rc::fwd_scratch_elems<T>(D));
-      std::vector<int32_t> idx(static_cast<size_t>(L) + 1);
+      std::vector<int32_t> idx(rc::idx_elems(D));
       for (int64_t b = b0; b < b1; ++b) {
         rc::routing_fwd_row<T>(D, u_p + b * lo.sb, lo.sk, lo.sl, m_p + b * mask_sb,
                                i_p ? i_p + b * i_sb : nullptr, i_sk, v_p + b * K * d,
@@ -138,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_fwd_cpu(
 }
 
 // routing_bwd_cpu(grad_v, u, mask, init_logits, c_last, s_last, num_interests, iters, seq_axis,
-//                 detach, per_position) -> grad_u
+//                 detach, per_position, seq_all=false) -> grad_u
 //   grad_v (B, K, d); grad_u in grad_v's dtype: (B, L, d) shared (summed over interests) or
 //   (L, B, K, d) per_position. detach: u, init_logits unused (may be None), c_last / s_last from
 //   the forward required. Not detach: u (same dtype as grad_v) required, c_last / s_last unused.
@@ -146,7 +150,8 @@ at::Tensor routing_bwd_cpu(const at::Tensor& grad_v_in, const std::optional<at::
                            const at::Tensor& mask, const std::optional<at::Tensor>& init_logits,
                            const std::optional<at::Tensor>& c_last_opt,
                            const std::optional<at::Tensor>& s_last_opt, int64_t num_interests,
-                           int64_t iters, bool seq_axis, bool detach, bool per_position) {
+                           int64_t iters, bool seq_axis, bool detach, bool per_position,
+                           bool seq_all) {
   check_args(num_interests, iters);
   check_cpu(grad_v_in, "grad_v");
   TORCH_CHECK(is_float_type(grad_v_in.scalar_type()),
@@ -166,7 +171,7 @@ at::Tensor routing_bwd_cpu(const at::Tensor& grad_v_in, const std::optional<at::
   if (B == 0 || grad_u.numel() == 0) return grad_u;
   const GradStrides gs = grad_u_strides(per_position, B, K, L, d);
 
-  const rc::Dims D = dims(K, L, d, iters, seq_axis, !per_position);
+  const rc::Dims D = dims(K, L, d, iters, seq_axis, !per_position, seq_all);
   const int64_t mask_sb = mask.stride(0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_v.scalar_type(),
@@ -193,7 +198,7 @@ at::Tensor routing_bwd_cpu(const at::Tensor& grad_v_in, const std::optional<at::
       const int64_t i_sb = init ? init->stride(0) : 0, i_sk = init ? init->stride(1) : 0;
       at::parallel_for(0, B, grain_size(K, L, d), [&](int64_t b0, int64_t b1) {
         std::vector<A> ws(rc::bwd_scratch_elems<T>(D, false));
-        std::vector<int32_t> idx(static_cast<size_t>(L) + 1);
+        std::vector<int32_t> idx(rc::idx_elems(D));
         for (int64_t b = b0; b < b1; ++b) {
           rc::routing_bwd_full_row<T>(D, gv_p + b * K * d, u_p + b * lo.sb, lo.sk, lo.sl,
                                       m_p + b * mask_sb, i_p ? i_p + b * i_sb : nullptr, i_sk,
@@ -226,12 +231,13 @@ static seqrec_fast::RegisterBindings reg([](pybind11::module_& m) {
         "Capsule routing forward on CPU -> (v, c_last, s_last). u: (B, L, d) shared or "
         "(L, B, K, d) per_position; mask (B, L) bool; init_logits (B, K, L) or None.",
         pybind11::arg("u"), pybind11::arg("mask"), pybind11::arg("init_logits"),
-        pybind11::arg("num_interests"), pybind11::arg("iters"), pybind11::arg("seq_axis"));
+        pybind11::arg("num_interests"), pybind11::arg("iters"), pybind11::arg("seq_axis"),
+        pybind11::arg("seq_all") = false);
   m.def("routing_bwd_cpu", &routing_bwd_cpu,
         "Capsule routing backward on CPU -> grad_u ((B, L, d) shared, (L, B, K, d) "
         "per_position).",
         pybind11::arg("grad_v"), pybind11::arg("u"), pybind11::arg("mask"),
         pybind11::arg("init_logits"), pybind11::arg("c_last"), pybind11::arg("s_last"),
         pybind11::arg("num_interests"), pybind11::arg("iters"), pybind11::arg("seq_axis"),
-        pybind11::arg("detach"), pybind11::arg("per_position"));
+        pybind11::arg("detach"), pybind11::arg("per_position"), pybind11::arg("seq_all") = false);
 });

@@ -65,14 +65,16 @@ int threads_from_env() {
 
 // The sizes, options and mask shared by the forward and backward launches.
 rk::RoutingParams base_params(int64_t B, int64_t K, int64_t L, int64_t d, int64_t iters,
-                              bool seq_axis, bool shared, const at::Tensor& mask) {
+                              bool seq_axis, bool shared, const at::Tensor& mask,
+                              bool seq_all) {
   rk::RoutingParams p;
   p.B = B;
   p.K = K;
   p.L = L;
   p.d = d;
   p.iters = iters;
-  p.seq_axis = seq_axis;
+  p.seq_axis = seq_axis || seq_all;
+  p.seq_all = seq_all;
   p.shared = shared;
   p.mask = mask.data_ptr<bool>();
   p.mask_sb = mask.stride(0);
@@ -118,7 +120,7 @@ void set_u_and_init(rk::RoutingParams& p, const at::Tensor& u, const Layout& lo,
 // that c_last and s_last are always float32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_fwd_cuda(
     const at::Tensor& u, const at::Tensor& mask, const std::optional<at::Tensor>& init_logits,
-    int64_t num_interests, int64_t iters, bool seq_axis) {
+    int64_t num_interests, int64_t iters, bool seq_axis, bool seq_all) {
   check_args(num_interests, iters);
   TORCH_CHECK(u.is_cuda(), "u must be a CUDA tensor, got device ", u.device());
   const at::Device dev = u.device();
@@ -138,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_fwd_cuda(
   TORCH_CHECK(L >= 1 && d >= 1,
               "routing_fwd_cuda: u must have seq_len >= 1 and dim >= 1, got shape ", u.sizes());
 
-  rk::RoutingParams p = base_params(B, K, L, d, iters, seq_axis, lo.shared, mask);
+  rk::RoutingParams p = base_params(B, K, L, d, iters, seq_axis, lo.shared, mask, seq_all);
   set_u_and_init(p, u, lo, init);
   p.v = v.data_ptr();
   p.c_last = c_last.data_ptr<float>();
@@ -153,7 +155,8 @@ at::Tensor routing_bwd_cuda(const at::Tensor& grad_v_in, const std::optional<at:
                             const at::Tensor& mask, const std::optional<at::Tensor>& init_logits,
                             const std::optional<at::Tensor>& c_last_opt,
                             const std::optional<at::Tensor>& s_last_opt, int64_t num_interests,
-                            int64_t iters, bool seq_axis, bool detach, bool per_position) {
+                            int64_t iters, bool seq_axis, bool detach, bool per_position,
+                            bool seq_all) {
   check_args(num_interests, iters);
   TORCH_CHECK(grad_v_in.is_cuda(), "grad_v must be a CUDA tensor, got device ",
               grad_v_in.device());
@@ -172,7 +175,7 @@ at::Tensor routing_bwd_cuda(const at::Tensor& grad_v_in, const std::optional<at:
                                    : at::empty({B, L, d}, grad_v.options());
   if (B == 0 || grad_u.numel() == 0) return grad_u;
 
-  rk::RoutingParams p = base_params(B, K, L, d, iters, seq_axis, !per_position, mask);
+  rk::RoutingParams p = base_params(B, K, L, d, iters, seq_axis, !per_position, mask, seq_all);
   p.grad_v = grad_v.data_ptr();
   p.grad_u = grad_u.data_ptr();
   const GradStrides gs = grad_u_strides(per_position, B, K, L, d);
@@ -201,14 +204,15 @@ static seqrec_fast::RegisterBindings reg_routing_cuda([](pybind11::module_& m) {
         "(L, B, K, d) per_position, float32/bfloat16/float16; mask (B, L) bool; init_logits "
         "(B, K, L) or None.",
         pybind11::arg("u"), pybind11::arg("mask"), pybind11::arg("init_logits"),
-        pybind11::arg("num_interests"), pybind11::arg("iters"), pybind11::arg("seq_axis"));
+        pybind11::arg("num_interests"), pybind11::arg("iters"), pybind11::arg("seq_axis"),
+        pybind11::arg("seq_all") = false);
   m.def("routing_bwd_cuda", &routing_bwd_cuda,
         "Capsule routing backward on CUDA -> grad_u ((B, L, d) shared, (L, B, K, d) "
         "per_position).",
         pybind11::arg("grad_v"), pybind11::arg("u"), pybind11::arg("mask"),
         pybind11::arg("init_logits"), pybind11::arg("c_last"), pybind11::arg("s_last"),
         pybind11::arg("num_interests"), pybind11::arg("iters"), pybind11::arg("seq_axis"),
-        pybind11::arg("detach"), pybind11::arg("per_position"));
+        pybind11::arg("detach"), pybind11::arg("per_position"), pybind11::arg("seq_all") = false);
 });
 
 #endif  // !__CUDA_ARCH__

@@ -332,19 +332,23 @@ struct URows<E, kGlobalScalar> {
 // Row set-up.
 // ---------------------------------------------------------------------------------------------
 // Warp 0: idx[r] = r-th real position, pos[l] = r or -1, *nreal_out. Caller syncs.
+// all (seq_all, torch-rechub's sequence softmax): every position is kept (idx[r] = r, nreal = L)
+// because the logits of padded ones matter; pos[l] = l at real positions, -1 at padded ones
+// (then only a flag: the couplings there are zeroed).
 __device__ __forceinline__ void compact_mask(const bool* mask_row, int L, int* idx, int* pos,
-                                             int* nreal_out) {
+                                             int* nreal_out, bool all) {
   if (threadIdx.x >= 32) return;
   const unsigned char* m = reinterpret_cast<const unsigned char*>(mask_row);
   const int lane = threadIdx.x;
   int base = 0;
   for (int l0 = 0; l0 < L; l0 += 32) {  // uniform trip count over the warp
     const int l = l0 + lane;
-    const bool on = l < L && m[l] != 0;
+    const bool real = l < L && m[l] != 0;
+    const bool on = all ? l < L : real;
     const unsigned bal = __ballot_sync(kFullMask, on);
     const int r = base + __popc(bal & ((1u << lane) - 1u));
     if (l < L) {
-      pos[l] = on ? r : -1;
+      pos[l] = real ? r : -1;
       if (on) idx[r] = l;
     }
     base += __popc(bal);
@@ -464,12 +468,14 @@ __device__ __forceinline__ void dots_pass(const URows<E, SRC>& u, const float* w
   }
 }
 
-// out[k*dp + :] = sum_{r < nreal} coef[k*L + r] * u(k, r)  (pads come out zero).
+// out[k*dp + :] = sum_{r < nreal} coef[k*L + r] * u(k, r)  (pads come out zero); with keep,
+// only the r with keep[r] >= 0 (seq_all: the real positions).
 // Thread item i = p*ncol + col: column col = (k, chunk q), positions r = p, p + P, ...
 // red: blockDim.x * V floats of scratch. Ends with __syncthreads().
 template <class E, int SRC>
 __device__ __forceinline__ void wsum_pass(const URows<E, SRC>& u, const float* coef, float* out,
-                                          float* red, const Layout& g, int nreal) {
+                                          float* red, const Layout& g, int nreal,
+                                          const int* keep = nullptr) {
   constexpr int V = E::kVec;
   const int nt = blockDim.x, ncol = g.K * g.nch;
   int P = 1;
@@ -485,7 +491,7 @@ __device__ __forceinline__ void wsum_pass(const URows<E, SRC>& u, const float* c
 #pragma unroll
     for (int e = 0; e < V; ++e) acc[e] = 0.f;
     for (int r = pp; r < nreal; r += P) {
-      const float cr = ck[r];
+      const float cr = (keep == nullptr || keep[r] >= 0) ? ck[r] : 0.f;
       float x[V];
       u.load(k, r, q, g.d, x);
 #pragma unroll
@@ -615,11 +621,14 @@ __device__ __forceinline__ void softmax_bwd_pass(const float* c, const float* gc
 
 // The routing iterations (routing_core.h's fwd_iterate): iteration `it` writes c to
 // C + it*c_step, s to S + it*s_step, v to V + it*v_step (steps 0: keep the last only).
-// blog holds the initial logits on entry (synced). Ends synced.
+// blog holds the initial logits on entry (synced). Ends synced. keep: nullptr, or (seq_all)
+// pos, whose entry is < 0 at padded positions: C then holds the softmax p there and s sums
+// over the real positions only.
 template <bool SEQ, class E, int SRC>
 __device__ __forceinline__ void fwd_iterations(const URows<E, SRC>& u, const Layout& g, int nreal,
                                                float* blog, float* C, int c_step, float* S,
-                                               int s_step, float* V, int v_step, float* red) {
+                                               int s_step, float* V, int v_step, float* red,
+                                               const int* keep) {
   for (int it = 0; it < g.T; ++it) {
     float* c = C + it * c_step;
     float* s = S + it * s_step;
@@ -630,7 +639,7 @@ __device__ __forceinline__ void fwd_iterations(const URows<E, SRC>& u, const Lay
     }
     softmax_pass<SEQ>(blog, c, g, nreal);
     __syncthreads();
-    wsum_pass(u, c, s, red, g, nreal);  // s = sum_l c u (synced)
+    wsum_pass(u, c, s, red, g, nreal, keep);  // s = sum_l c u (synced)
     squash_pass(s, v, g);
     __syncthreads();
   }
@@ -674,7 +683,7 @@ __device__ __forceinline__ int row_prologue(const RoutingParams& p, const Layout
   int* idx = reinterpret_cast<int*>(st + g.o_idx);
   int* pos = reinterpret_cast<int*>(st + g.o_pos);
   int* nreal_s = reinterpret_cast<int*>(st + g.o_nreal);
-  compact_mask(p.mask + b * p.mask_sb, g.L, idx, pos, nreal_s);
+  compact_mask(p.mask + b * p.mask_sb, g.L, idx, pos, nreal_s, p.seq_all);
   __syncthreads();
   const int nreal = *nreal_s;
   if constexpr (SRC == kSmem) stage_u<E, SHARED>(p, g, b, idx, nreal, tile, vec);
@@ -707,7 +716,7 @@ __global__ void
     const int nreal = row_prologue<E, SRC, SHARED>(p, g, b, st, tile, vec);
     __syncthreads();
     const URows<E, SRC> u = make_rows<E, SRC, SHARED>(p, g, b, idx, tile);
-    fwd_iterations<SEQ>(u, g, nreal, blog, c, 0, s, 0, v, 0, red);
+    fwd_iterations<SEQ>(u, g, nreal, blog, c, 0, s, 0, v, 0, red, p.seq_all ? pos : nullptr);
 
     // outputs: v (element type), c_last (0 at padded positions), s_last
     S* vo = static_cast<S*>(p.v) + b * g.K * g.d;
@@ -808,7 +817,8 @@ __global__ void
     for (int i = threadIdx.x; i < KL; i += blockDim.x) gb[i] = 0.f;
     __syncthreads();
     const URows<E, SRC> u = make_rows<E, SRC, SHARED>(p, g, b, idx, tile);
-    fwd_iterations<SEQ>(u, g, nreal, blog, C, KL, Sv, Kdp, Vv, Kdp, red);
+    fwd_iterations<SEQ>(u, g, nreal, blog, C, KL, Sv, Kdp, Vv, Kdp, red,
+                        p.seq_all ? pos : nullptr);
 
     for (int i = T - 1; i >= 0; --i) {
       float* gs = GS + i * Kdp;
@@ -819,26 +829,35 @@ __global__ void
       if (i == 0) break;  // no gradient w.r.t. init_logits is needed
       dots_pass<false>(u, gs, gc, g, nreal);  // gc = <g_s_i, u>
       __syncthreads();
+      if (p.seq_all) {  // d c / d p = m: no coupling gradient at padded positions
+        for (int t = threadIdx.x; t < K * nreal; t += blockDim.x) {
+          const int k = t / nreal, r = t - k * nreal;
+          if (pos[r] < 0) gc[k * L + r] = 0.f;
+        }
+        __syncthreads();
+      }
       softmax_bwd_pass<SEQ>(C + i * KL, gc, gb, g, nreal);  // gb: now w.r.t. logits of iteration i
       __syncthreads();
       wsum_pass(u, gb, gv, red, g, nreal);  // gv = sum_l gb u = gradient w.r.t. v_{i-1} (synced)
     }
 
-    // grad_u(k, l) = sum_i c_i[k, r] gs_i[k] + sum_{i < T-1} GB_i[k, r] v_i[k], r = pos[l].
+    // grad_u(k, l) = sum_i c_i[k, r] gs_i[k] + sum_{i < T-1} GB_i[k, rb] v_i[k], r = pos[l]
+    // (the c terms at real positions only), rb = r, or l with seq_all (padded logits count).
     S* gu = static_cast<S*>(p.grad_u) + b * p.g_sb;
     const int kout = SHARED ? 1 : K;
     const int n = L * kout * nch;
     for (int t = threadIdx.x; t < n; t += blockDim.x) {
       const int q = t % nch, lk = t / nch, ko = lk % kout, l = lk / kout;
       const int r = pos[l];
+      const int rb = p.seq_all ? l : r;
       float acc[V];
 #pragma unroll
       for (int e = 0; e < V; ++e) acc[e] = 0.f;
-      if (r >= 0) {
+      if (rb >= 0) {
         const int k0 = SHARED ? 0 : ko, k1 = SHARED ? K : ko + 1;
         for (int k = k0; k < k1; ++k) {
-          const int kr = k * L + r, kq = k * g.dp + q * V;
-          for (int i = 0; i < T; ++i) {
+          const int kr = k * L + rb, kq = k * g.dp + q * V;
+          for (int i = 0; r >= 0 && i < T; ++i) {
             const float cf = C[i * KL + kr];
             float y[V];
             load_f<V>(GS + i * Kdp + kq, y);

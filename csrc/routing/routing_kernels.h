@@ -31,6 +31,8 @@ enum class Pass : int { kForward = 0, kBackwardDetached = 1, kBackwardFull = 2 }
 struct RoutingParams {
   int64_t B = 0, K = 1, L = 1, d = 1, iters = 3;
   bool seq_axis = false;  // softmax over the real positions (true) or over the interests (false)
+  bool seq_all = false;   // with seq_axis: the softmax over all L positions, padded ones included
+                          // (torch-rechub); c is zeroed at padded positions afterwards
   bool shared = false;    // u_hat identical for every interest (MIND); else per (k, l) (ComiRec-DR)
 
   // u_hat (b, k, l, j) at u[b*u_sb + k*u_sk + l*u_sl + j]; u_sk is ignored when shared.

@@ -258,7 +258,7 @@ KernelOut<T> run_kernel(const Problem& p) {
   std::vector<T> gu(u.size(), poison);  // every element must be written
   std::vector<A> ws(std::max(rc::fwd_scratch_elems<T>(D),
                              rc::bwd_scratch_elems<T>(D, cs.detach)), A(std::nan("")));
-  std::vector<int32_t> idx(size_t(L) + 1);
+  std::vector<int32_t> idx(rc::idx_elems(D));
 
   const int64_t o_sb = cs.shared ? int64_t(L) * d : int64_t(K) * d;
   const int64_t o_sk = cs.shared ? 0 : d;

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .. import _checks
 from ..ops.routing import capsule_routing
+from ..reference.routing import SOFTMAX_AXES
 
 
 class CapsuleRouting(nn.Module):
@@ -21,7 +22,10 @@ class CapsuleRouting(nn.Module):
       seq_len: L, needed by ``bilinear="per_position"`` (one map per position and interest).
       bilinear: "per_position" (ComiRec-DR, weight (L, K*d, d), init N(0, 1) as ComiRec's
         code) or "shared" (MIND, weight (d, d), Glorot-uniform like a dense layer).
-      iters, softmax_axis, detach_routing, backend: as ``seqrec_fast.ops.capsule_routing``.
+      iters, softmax_axis, detach_routing, backend: as ``seqrec_fast.ops.capsule_routing``
+        (softmax_axis "interest" | "sequence" (torch-rechub: over all L positions) |
+        "sequence_real" (over the real positions)). Under torch.autocast the layer runs in
+        the autocast dtype (its weight stays fp32 and gets fp32 gradients).
       init_logits: "zeros" (ComiRec-DR) or "normal" (MIND: fresh N(0, 1) logits each call,
         drawn from the generator given to ``forward`` so runs are reproducible).
     Default init_logits: "normal" for shared, "zeros" for per_position.
@@ -40,7 +44,7 @@ class CapsuleRouting(nn.Module):
         _checks.positive_int("num_interests", num_interests)
         _checks.positive_int("iters", iters)
         _checks.choice("bilinear", bilinear, ("per_position", "shared"))
-        _checks.choice("softmax_axis", softmax_axis, ("interest", "sequence"))
+        _checks.choice("softmax_axis", softmax_axis, SOFTMAX_AXES)
         if init_logits is None:
             init_logits = "normal" if bilinear == "shared" else "zeros"
         _checks.choice("init_logits", init_logits, ("zeros", "normal"))
