@@ -61,7 +61,7 @@ CSV_FIELDS = ["check", "dtype", "quantity", "ok", "kernel_err", "eager_err", "bo
 # -> output tensor, names of the float inputs that get gradients). Shapes are small but not
 # round (odd L, a padded row, an all-padded row, N not a multiple of any tile).
 
-def _routing(bilinear):
+def _routing(bilinear, softmax_axis="interest"):
     def make(g):
         B, L, K, d = 5, 13, 3, 24
         lengths = torch.tensor([13, 7, 1, 0, 10])
@@ -76,7 +76,8 @@ def _routing(bilinear):
 
     def run(x, backend):
         return ops.capsule_routing(x["seq_emb"], x["lengths"], x["weight"], num_interests=x["K"],
-                                   bilinear=bilinear, init_logits=x["init"], backend=backend)
+                                   bilinear=bilinear, init_logits=x["init"],
+                                   softmax_axis=softmax_axis, backend=backend)
     return make, run, ("seq_emb", "weight")
 
 
@@ -133,6 +134,10 @@ def _sampled_softmax(per_row):
 CHECKS = {
     "routing_mind": _routing("shared"),
     "routing_dr": _routing("per_position"),
+    # torch-rechub's sequence softmax (padded positions in the denominator; fused MIND kernel)
+    # and the real-positions one
+    "routing_mind_sequence": _routing("shared", "sequence"),
+    "routing_dr_sequence_real": _routing("per_position", "sequence_real"),
     "attention": _attention(),
     "linear_cross_entropy": _linear_cross_entropy(),
     "sampled_softmax_shared": _sampled_softmax(False),

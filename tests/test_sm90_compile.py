@@ -90,6 +90,10 @@ KNOWN_SPILLS = {
     # retrieval
     ("multi_interest_topk/eval/100000x4x1000000x64x50/fp32", "_multi_interest_topk_fwd_kernel"):
         FP32_IEEE,  # 40 B
+    # routing: fused MIND backward, fp32 (bf16/fp16 do not spill)
+    ("routing/mind_shared/4096x50x4x64/fp32", "_routing_mind_bwd_kernel"):
+        "tf32x3 dots (grad_u·W and grad_uᵀ·E, each operand split in two) next to the (d, d) "
+        "fp32 dW accumulator: 255 registers at 8 warps, 168 B of spill (16 warps: 792 B)",
 }
 
 MISSING_WGMMA = {
