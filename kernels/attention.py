@@ -65,7 +65,8 @@ def _row_logits(keys, W1, B1, W2, B2, offs_d, d_ok, offs_k, k_ok, D, DA, K,
         z = tl.dot(kd, w1.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC)
         if HAS_B1:
             z += tl.load(B1 + offs_a, mask=a_ok, other=0.0).to(ACC)[None, :]
-        h = _tanh(z)  # padded columns: z = 0 -> h = 0, and their w2 rows are 0 anyway
+        # padded columns: 0 (their z is keys·0, which is NaN when a key is ±inf)
+        h = tl.where(a_ok[None, :], _tanh(z), 0.0)
         w2 = tl.load(W2 + offs_a[:, None] * K + offs_k[None, :],
                      mask=a_ok[:, None] & k_ok[None, :], other=0.0)
         a += tl.dot(h.to(DOT_DTYPE), w2.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
@@ -97,13 +98,14 @@ def _attention_fwd_kernel(
     for l0 in range(0, L, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         l_ok = offs_l < L
+        valid = tl.load(MASK + b * L + offs_l, mask=l_ok, other=0) != 0
+        # padding is not data: padded positions are never read (0), so NaN/Inf there is inert
         xl = tl.load(X + (b * L + offs_l)[:, None] * D + offs_d[None, :],
-                     mask=l_ok[:, None] & d_ok[None, :], other=0.0)
+                     mask=valid[:, None] & d_ok[None, :], other=0.0)
         keys = xl.to(ACC)
         if HAS_POS:
             keys += tl.load(POS + offs_l[:, None] * D + offs_d[None, :],
                             mask=l_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
-        valid = tl.load(MASK + b * L + offs_l, mask=l_ok, other=0) != 0
         a = _row_logits(keys, W1, B1, W2, B2, offs_d, d_ok, offs_k, k_ok, D, DA, K,
                         HAS_B1, HAS_B2, BLOCK_L, BLOCK_DA, BLOCK_K, DOT_DTYPE,
                         INPUT_PRECISION, ACC)
@@ -133,7 +135,7 @@ def _attention_fwd_kernel(
 
 @triton.jit
 def _attention_bwd_rows_kernel(
-    X, W1, B1, W2, POS, GOUT, PROBS, GPROBS, DELTA,
+    X, MASK, W1, B1, W2, POS, GOUT, PROBS, GPROBS, DELTA,
     GA, GX,                              # (B, L, K) ACC, (B, L, d) x.dtype
     L, D, DA, K,
     HAS_B1: tl.constexpr, HAS_POS: tl.constexpr, HAS_GPROBS: tl.constexpr,
@@ -155,7 +157,9 @@ def _attention_bwd_rows_kernel(
         offs_l = l0 + tl.arange(0, BLOCK_L)
         l_ok = offs_l < L
         ld_ok = l_ok[:, None] & d_ok[None, :]
-        xl = tl.load(X + (b * L + offs_l)[:, None] * D + offs_d[None, :], mask=ld_ok, other=0.0)
+        valid = tl.load(MASK + b * L + offs_l, mask=l_ok, other=0) != 0
+        xl = tl.load(X + (b * L + offs_l)[:, None] * D + offs_d[None, :],
+                     mask=valid[:, None] & d_ok[None, :], other=0.0)  # padding read as 0
         keys = xl.to(ACC)
         if HAS_POS:
             keys += tl.load(POS + offs_l[:, None] * D + offs_d[None, :], mask=ld_ok,
@@ -184,7 +188,7 @@ def _attention_bwd_rows_kernel(
             z = tl.dot(kd, w1, input_precision=INPUT_PRECISION, out_dtype=ACC)
             if HAS_B1:
                 z += tl.load(B1 + offs_a, mask=a_ok, other=0.0).to(ACC)[None, :]
-            h = _tanh(z)
+            h = tl.where(a_ok[None, :], _tanh(z), 0.0)
             w2t = tl.load(W2 + offs_a[None, :] * K + offs_k[:, None],
                           mask=a_ok[None, :] & k_ok[:, None], other=0.0)  # (BLOCK_K, BLOCK_DA)
             gz = tl.dot(gad, w2t.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
@@ -197,7 +201,7 @@ def _attention_bwd_rows_kernel(
 
 @triton.jit
 def _attention_bwd_weights_kernel(
-    X, POS, W1, B1, W2, GA,
+    X, MASK, POS, W1, B1, W2, GA,
     GW1, GB1, GW2, GPOS,                 # ACC, zeroed; atomically accumulated
     B, L, D, DA, K, ROWS_PER_PROG,
     HAS_B1: tl.constexpr, HAS_POS: tl.constexpr,
@@ -232,8 +236,9 @@ def _attention_bwd_weights_kernel(
         offs_b = b0 + tl.arange(0, BLOCK_M)
         b_ok = offs_b < b_end
         row = offs_b * L + l                                              # flat (b, l) index
-        keys = tl.load(X + row[:, None] * D + offs_d[None, :], mask=b_ok[:, None] & d_ok[None, :],
-                       other=0.0).to(ACC)
+        valid = tl.load(MASK + row, mask=b_ok, other=0) != 0
+        keys = tl.load(X + row[:, None] * D + offs_d[None, :],
+                       mask=valid[:, None] & d_ok[None, :], other=0.0).to(ACC)  # padding: 0
         if HAS_POS:
             keys = tl.where(b_ok[:, None], keys + pos[None, :], 0.0)
         ga = tl.load(GA + row[:, None] * K + offs_k[None, :], mask=b_ok[:, None] & k_ok[None, :],
@@ -243,7 +248,7 @@ def _attention_bwd_weights_kernel(
         z = tl.dot(kd, w1d, input_precision=INPUT_PRECISION, out_dtype=ACC)
         if HAS_B1:
             z += b1[None, :]
-        h = _tanh(z)
+        h = tl.where(a_ok[None, :], _tanh(z), 0.0)
         gw2 += tl.dot(tl.trans(h.to(DOT_DTYPE)), gad, input_precision=INPUT_PRECISION,
                       out_dtype=ACC)
         gz = tl.dot(gad, w2t, input_precision=INPUT_PRECISION, out_dtype=ACC) * (1.0 - h * h)
@@ -341,7 +346,7 @@ def _attention_bwd(grad_out: torch.Tensor, grad_probs: Optional[torch.Tensor],
     """Backward launch: grads of (x, w1, b1, w2, b2, pos), None for absent optional inputs.
 
     grad_out (B, K, d); grad_probs (B, K, L) or None; out and probs as returned by the forward
-    (mask is not needed: probs are 0 at padding).
+    (the mask only keeps padded positions of x unread: probs are 0 there).
     """
     B, L, D = x.shape
     DA, K = w2.shape
@@ -350,6 +355,7 @@ def _attention_bwd(grad_out: torch.Tensor, grad_probs: Optional[torch.Tensor],
     x, w1, w2, b1, b2, pos = (_contig(t) for t in (x, w1, w2, b1, b2, pos))
     gout = grad_out.to(x.dtype).contiguous()
     probs = probs.contiguous()
+    m8 = mask.contiguous().view(torch.uint8)
     has_gp = grad_probs is not None and grad_probs.numel() > 0
     # delta[b, k] = Σ_l S·gS = <gout, out> (+ <gprobs, probs>), as in flash attention
     delta = (gout.to(acc_t) * out.to(acc_t)).sum(-1)
@@ -369,7 +375,7 @@ def _attention_bwd(grad_out: torch.Tensor, grad_probs: Optional[torch.Tensor],
     gpos = torch.zeros((L, D), device=dev, dtype=acc_t) if pos is not None else gb1
     if B > 0:
         _attention_bwd_rows_kernel[(B,)](
-            x, w1, b1 if b1 is not None else w1, w2, pos if pos is not None else x, gout,
+            x, m8, w1, b1 if b1 is not None else w1, w2, pos if pos is not None else x, gout,
             probs, gp if has_gp else probs, delta,
             ga, gx, L, D, DA, K,
             HAS_B1=b1 is not None, HAS_POS=pos is not None, HAS_GPROBS=has_gp,
@@ -390,7 +396,7 @@ def _attention_bwd(grad_out: torch.Tensor, grad_probs: Optional[torch.Tensor],
         rows = triton.cdiv(triton.cdiv(B, slices), block_m) * block_m
         slices = triton.cdiv(B, rows)
         _attention_bwd_weights_kernel[(n_chunks, L, slices)](
-            x, pos if pos is not None else x, w1, b1 if b1 is not None else w1, w2, ga,
+            x, m8, pos if pos is not None else x, w1, b1 if b1 is not None else w1, w2, ga,
             gw1, gb1, gw2, gpos,
             B, L, D, DA, K, rows,
             HAS_B1=b1 is not None, HAS_POS=pos is not None,

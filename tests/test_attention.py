@@ -390,6 +390,52 @@ def test_label_aware_half_scores_beyond_half_range():
         assert_close(got, want, atol=1e-3, rtol=1e-3, name=f"exponent {p}")
 
 
+def _plant(t, mask, value):
+    t = t.clone()
+    t[~mask] = value
+    return t
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("shape", [(3, 9, 3, 16, 20), (2, 70, 2, 8, 24)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_nonfinite_padding_changes_nothing(backend, value, shape):
+    """NaN/Inf in seq_emb at padded positions: every value and every gradient (seq_emb's at
+    every position, w1, b1, w2, b2, pos_emb) is what clean padding gives; the all-padded row
+    keeps zero interests, zero attention and zero gradients."""
+    tensors, mask, grads = make(shape, torch.float32)
+    assert (~mask).any() and not mask[-1].any()
+    clean = run(op(backend, mask), tensors, grads)
+    dirty = run(op(backend, mask), [_plant(tensors[0], mask, value)] + tensors[1:], grads)
+    for name, a, e in zip(NAMES, dirty, clean):
+        assert_close(a, e, atol=1e-6, rtol=1e-6, name=f"{backend} {value} {name}")
+    assert torch.count_nonzero(dirty[2][~mask]) == 0   # d seq_emb at padded positions
+    for i in (0, 1):
+        assert torch.count_nonzero(dirty[i][-1]) == 0, NAMES[i]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("value", [math.inf, -math.inf], ids=["inf", "-inf"])
+def test_nonfinite_real_input_as_eager(backend, value):
+    """An Inf in seq_emb at a real position: every backend gives PyTorch's (the eager
+    reference's) result: ±inf in that feature of each interest of the row (the keys saturate
+    tanh), the attention and all other entries finite and equal."""
+    tensors, mask, _ = make((2, 7, 3, 16, 20), torch.float32)
+    s = tensors[0].clone()
+    s[0, 0, 3] = value
+    want = multi_interest_attention(s, mask, *tensors[1:5], pos_emb=tensors[5],
+                                    return_attention=True, backend="eager")
+    got = multi_interest_attention(s, mask, *tensors[1:5], pos_emb=tensors[5],
+                                   return_attention=True, backend=backend)
+    assert int(torch.isinf(want[0]).sum()) == 3 and not torch.isnan(want[0]).any()
+    for name, a, e in zip(("interests", "attention"), got, want):
+        for pred in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(pred(a), pred(e)), f"{backend} {name} {pred.__name__}"
+        fin = torch.isfinite(e)
+        assert_close(a[fin], e[fin], atol=1e-5, rtol=1e-5, name=f"{backend} {name}")
+
+
 class TestBadInput:
     def args(self):
         s = torch.randn(2, 5, 8)

@@ -270,7 +270,7 @@ struct Buffers {
   at::Tensor xa, keys, h, gh, a, gs, stats, go, gx, gk;
   Buffers(const Shapes& s, int64_t rows, at::TensorOptions opt, bool backward) {
     const int64_t M = rows * s.L;
-    xa = at::empty({M, s.d}, opt);  // (only used for bf16/fp16 inputs)
+    xa = at::empty({M, s.d}, opt);  // x in acc dtype, padding zeroed (bf16/fp16, or padding)
     keys = at::empty({M, s.d}, opt);
     h = at::empty({M, s.da}, opt);
     a = at::empty({M, s.K}, opt);
@@ -285,21 +285,31 @@ struct Buffers {
   }
 };
 
-// x rows [b0, b0+n) → acc dtype in buf.xa; keys = x + pos in buf.keys. Returns (x, keys) views
-// of shape (n·L, d).
+// x rows [b0, b0+n) → acc dtype in buf.xa, 0 at padded positions (padding is not data: a NaN
+// or Inf there never reaches a value or a gradient); keys = x + pos in buf.keys. Returns (x, keys)
+// views of shape (n·L, d).
 template <typename scalar_t>
-std::pair<at::Tensor, at::Tensor> load_keys(const at::Tensor& x, const Params& p, const Shapes& s,
-                                            int64_t b0, int64_t n, Buffers& buf) {
+std::pair<at::Tensor, at::Tensor> load_keys(const at::Tensor& x, const bool* mask, const Params& p,
+                                            const Shapes& s, int64_t b0, int64_t n, Buffers& buf) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t M = n * s.L;
+  const bool* mr = mask + b0 * s.L;
   at::Tensor xa;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    xa = x.view({s.B * s.L, s.d}).narrow(0, b0 * s.L, M);  // no conversion: a view
+  if (std::is_same_v<scalar_t, acc_t> && std::all_of(mr, mr + M, [](bool v) { return v; })) {
+    xa = x.view({s.B * s.L, s.d}).narrow(0, b0 * s.L, M);  // no padding, no conversion: a view
   } else {
     xa = buf.xa.narrow(0, 0, M);
     acc_t* dst = xa.data_ptr<acc_t>();
     const scalar_t* src = x.data_ptr<scalar_t>() + b0 * s.L * s.d;
-    for (int64_t i = 0; i < M * s.d; ++i) dst[i] = static_cast<acc_t>(src[i]);
+    for (int64_t m = 0; m < M; ++m) {
+      acc_t* dr = dst + m * s.d;
+      const scalar_t* sr = src + m * s.d;
+      if (mr[m]) {
+        for (int64_t j = 0; j < s.d; ++j) dr[j] = static_cast<acc_t>(sr[j]);
+      } else {
+        std::fill(dr, dr + s.d, acc_t(0));
+      }
+    }
   }
   if (!p.pos.defined()) return {xa, xa};
   const acc_t* xp = xa.data_ptr<acc_t>();
@@ -357,7 +367,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& mask, const Params& p, 
     for (int64_t t = next_task(); t >= 0; t = next_task()) {
       for (int64_t b0 = tasks.begin(t), end = tasks.end(t); b0 < end; b0 += chunk) {
         const int64_t n = std::min(chunk, end - b0);
-        std::pair<at::Tensor, at::Tensor> xk = load_keys<scalar_t>(x, p, s, b0, n, buf);
+        std::pair<at::Tensor, at::Tensor> xk = load_keys<scalar_t>(x, mp, p, s, b0, n, buf);
         std::pair<at::Tensor, at::Tensor> ha = scores(xk.second, p, n * L, buf);
         // masked softmax over the sequence axis (0 at padding; a fully padded row is all 0)
         acc_t* A = ha.second.data_ptr<acc_t>();  // (n, L, K)
@@ -399,7 +409,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& mask, const Params& p, 
             for (int64_t k = 0; k < K; ++k) {
               const acc_t w = A[(r * L + l) * K + k] * sum[r * K + k];
               PR[(r * K + k) * L + l] = w;
-              if (w == acc_t(0)) continue;
+              if (!mr[r * L + l]) continue;  // padding (0); 0·x at real ones as PyTorch: 0·inf = NaN
               acc_t* ok = orow + k * d;
               for (int64_t j = 0; j < d; ++j) ok[j] += w * xl[j];
             }
@@ -413,7 +423,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& mask, const Params& p, 
 
 template <typename scalar_t>
 void backward_impl(const at::Tensor& gout, const at::Tensor& gprobs, const at::Tensor& x,
-                   const at::Tensor& probs, const Params& p,
+                   const at::Tensor& mask, const at::Tensor& probs, const Params& p,
                    const Shapes& s, at::Tensor& gx, at::Tensor& gw1, at::Tensor& gb1,
                    at::Tensor& gw2, at::Tensor& gb2, at::Tensor& gpos) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -440,7 +450,8 @@ void backward_impl(const at::Tensor& gout, const at::Tensor& gprobs, const at::T
       for (int64_t b0 = tasks.begin(t), end = tasks.end(t); b0 < end; b0 += chunk) {
         const int64_t n = std::min(chunk, end - b0);
         const int64_t M = n * L;
-        std::pair<at::Tensor, at::Tensor> xk = load_keys<scalar_t>(x, p, s, b0, n, buf);
+        std::pair<at::Tensor, at::Tensor> xk =
+            load_keys<scalar_t>(x, mask.data_ptr<bool>(), p, s, b0, n, buf);
         const at::Tensor h = hidden(xk.second, p, M, buf);
         // S (saved, 0 at padding); gS = x·goutᵀ (+ gprobsᵀ); gA = S·(gS - Σ_l S·gS);
         // gx = S·gout (+ gZ·w1ᵀ below)
@@ -540,6 +551,7 @@ std::vector<at::Tensor> attention_bwd_cpu(const at::Tensor& grad_out,
     gp = grad_probs->detach().to(acc).contiguous();
   }
   at::Tensor pr = probs.detach().contiguous();
+  at::Tensor m = mask.contiguous();
   at::Tensor gx = at::empty_like(x);
   at::Tensor gw1, gb1, gw2, gb2, gpos;
   const Params p = make_params(acc, s, w1, b1, w2, b2, pos_emb);
@@ -552,7 +564,7 @@ std::vector<at::Tensor> attention_bwd_cpu(const at::Tensor& grad_out,
     if (p.pos.defined()) gpos = at::zeros({s.L, s.d}, opt);
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "attention_bwd_cpu", [&] {
-      backward_impl<scalar_t>(go, gp, x, pr, p, s, gx, gw1, gb1, gw2, gb2, gpos);
+      backward_impl<scalar_t>(go, gp, x, m, pr, p, s, gx, gw1, gb1, gw2, gb2, gpos);
     });
   }
   gw1 = gw1.to(dt);
