@@ -436,6 +436,86 @@ def test_nonfinite_real_input_as_eager(backend, value):
         assert_close(a[fin], e[fin], atol=1e-5, rtol=1e-5, name=f"{backend} {name}")
 
 
+# ------------------------------------------------------------------ compile checks, autocast
+
+def _compile_backends():
+    return [b for b in ALL if b != "triton"]  # triton_op cannot be traced under the interpreter
+
+
+@pytest.mark.parametrize("backend", _compile_backends())
+def test_bad_input_raises_the_same_compiled(backend):
+    """Lengths above seq_len, negative lengths, a mask of the wrong shape, a weight of another
+    dtype: the same ValueError/TypeError from torch.compile(fullgraph=True) as eagerly."""
+    torch._dynamo.reset()
+    tensors, _, _ = make((2, 5, 2, 8, 12), torch.float32)
+    s, w1, b1, w2, b2, p = tensors
+
+    def f(s, mask, w1):
+        return multi_interest_attention(s, mask, w1, b1, w2, b2, pos_emb=p, backend=backend)
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor")
+    good = compiled(s, torch.tensor([5, 2]), w1)
+    assert_close(good, f(s, torch.tensor([5, 2]), w1), atol=1e-6, name="compiled")
+    # lengths are data: the graph compiled above runs the check (no recompilation)
+    for lengths in ([6, 2], [-1, 2]):
+        for fn in (f, compiled):
+            with pytest.raises(ValueError, match=r"mask lengths must lie in \[0, 5\]"):
+                fn(s, torch.tensor(lengths), w1)
+    # argument errors found while tracing (fresh compilations, as a first call would be)
+    cases = [(ValueError, "mask must have shape", (s, torch.ones(2, 4, dtype=torch.bool), w1)),
+             (TypeError, "w1 has dtype", (s, torch.tensor([5, 2]), w1.double()))]
+    for err, msg, args in cases:
+        with pytest.raises(err, match=msg):
+            f(*args)
+        torch._dynamo.reset()
+        with pytest.raises(err, match=msg):
+            torch.compile(f, fullgraph=True, backend="inductor")(*args)
+    layer = MultiInterestAttention(8, 2, hidden_dim=12, seq_len=4, backend=backend)
+    torch._dynamo.reset()
+    for fn in (layer, torch.compile(layer, fullgraph=True, backend="inductor")):
+        with pytest.raises(ValueError, match="more than seq_len=4"):
+            fn(s, torch.tensor([5, 2]))
+
+
+def test_lengths_mask_op():
+    from seqrec_fast.ops.attention import _lengths_mask_op
+    torch.library.opcheck(_lengths_mask_op, (torch.tensor([3, 0, 5]), 5))
+    assert torch.equal(_lengths_mask_op(torch.tensor([2, 0]), 3),
+                       torch.tensor([[True, True, False], [False, False, False]]))
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("seq_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_autocast_cpu_bf16(backend, seq_dtype):
+    """Under torch.autocast("cpu", bfloat16) the layer (fp32 parameters) takes fp32 or bf16
+    sequences, runs in bf16 and returns bf16 close to the fp32 result; gradients reach the
+    fp32 parameters (fp32, close to the fp32 gradients)."""
+    torch.manual_seed(0)
+    layer = MultiInterestAttention(16, 3, hidden_dim=24, seq_len=7, backend=backend)
+    with torch.no_grad():
+        layer.b1.normal_(0, 0.1)
+        layer.b2.normal_(0, 0.1)
+    seq = torch.randn(4, 7, 16)
+    lengths = torch.tensor([7, 3, 0, 5])
+    out32 = layer(seq, lengths)
+    g32 = torch.autograd.grad(out32.square().sum(), list(layer.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(seq.to(seq_dtype), lengths)
+        loss = out.float().square().sum()
+    assert out.dtype == torch.bfloat16
+    scale = max(1.0, out32.abs().max().item())
+    assert_close(out, out32, atol=3e-2 * scale, name=f"{backend} autocast interests")
+    grads = torch.autograd.grad(loss, list(layer.parameters()))
+    gscale = max(g.abs().max().item() for g in g32)  # b2's gradient is ~0: one common scale
+    for (name, prm), g, g_ref in zip(layer.named_parameters(), grads, g32):
+        assert g.dtype == torch.float32, name
+        assert_close(g, g_ref, atol=3e-2 * gscale, name=f"{backend} autocast grad {name}")
+    # the readout under autocast: bf16 interests, fp32 target
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        user = label_aware_attention(out, torch.randn(4, 16), exponent=1.0)
+    assert user.dtype == torch.bfloat16
+
+
 class TestBadInput:
     def args(self):
         s = torch.randn(2, 5, 8)

@@ -21,7 +21,7 @@ from torch import Tensor
 from .. import _checks, _ext
 from .. import backend as _backend
 from ..reference.attention import attention_ref, label_aware_attention_ref
-from ._common import FLOATS, acc_dtype
+from ._common import FLOATS, acc_dtype, compiling, deferred_error
 
 OP = "attention"
 
@@ -118,6 +118,54 @@ def _backward(ctx, grad_out, grad_probs):
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("seqrec_fast::attention_lengths_mask", mutates_args=())
+def _lengths_mask_op(lengths: Tensor, seq_len: int) -> Tensor:
+    """lengths (B,) int -> mask (B, seq_len) bool, True at the first ``length`` positions.
+
+    Raises ValueError for a length outside [0, seq_len]. An opaque op, so the check runs in
+    eager code and inside a torch.compile'd graph alike (Python-side checks of tensor values
+    are traced away). It reads (min, max) back: one host sync on CUDA (a bool mask needs none).
+    """
+    if lengths.numel():
+        lo, hi = (int(v) for v in torch.stack([lengths.min(), lengths.max()]).tolist())
+        if lo < 0 or hi > seq_len:
+            raise ValueError(f"mask lengths must lie in [0, {seq_len}], got range [{lo}, {hi}]")
+    return torch.arange(seq_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+@_lengths_mask_op.register_fake
+def _(lengths, seq_len):
+    return lengths.new_empty((lengths.shape[0], seq_len), dtype=torch.bool)
+
+
+def _mask(mask, B, L, device):
+    """The (B, L) bool mask from a bool mask or int lengths (checked in the lengths op)."""
+    if isinstance(mask, Tensor) and mask.dim() == 1:
+        if mask.device != device:
+            raise ValueError(f"mask is on {mask.device} but the inputs are on {device}")
+        if mask.dtype.is_floating_point or mask.dtype.is_complex or mask.dtype == torch.bool:
+            raise TypeError(f"mask as lengths (batch,) must be an integer tensor, got {mask.dtype}")
+        if mask.shape[0] != B:
+            raise ValueError(f"mask as lengths must have shape ({B},), got {tuple(mask.shape)}")
+        return _lengths_mask_op(mask, L)
+    return _checks.sequence_mask(mask, B, L, device)
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype when torch.autocast is on for ``device_type``, else None."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _autocast(dt: torch.dtype, *tensors):
+    """The cast policy under autocast (that of torch.matmul): fp32/fp16/bf16 tensors go to the
+    autocast dtype (differentiably); fp64 tensors and None stay as they are."""
+    return [t.to(dt) if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float16,
+                                                                 torch.bfloat16) else t
+            for t in tensors]
+
+
 def _validate(seq_emb, mask, w1, b1, w2, b2, pos_emb, return_attention):
     _checks.tensor("seq_emb", seq_emb, ndim=3, dtypes=FLOATS)
     device, dtype = seq_emb.device, seq_emb.dtype
@@ -153,7 +201,7 @@ def _validate(seq_emb, mask, w1, b1, w2, b2, pos_emb, return_attention):
         param("pos_emb", pos_emb, (L, d), "(seq_len, dim)")
     if not isinstance(return_attention, bool):
         raise TypeError(f"return_attention must be a bool, got {type(return_attention).__name__}")
-    return _checks.sequence_mask(mask, B, L, device)
+    return _mask(mask, B, L, device)
 
 
 def multi_interest_attention(seq_emb: Tensor, mask: Tensor, w1: Tensor, b1: Optional[Tensor],
@@ -169,7 +217,9 @@ def multi_interest_attention(seq_emb: Tensor, mask: Tensor, w1: Tensor, b1: Opti
     Args:
       seq_emb: (batch, seq_len, dim) item embeddings, fp32/bf16/fp16/fp64.
       mask: (batch, seq_len) bool, True at real items (any pattern), or int lengths (batch,)
-        meaning the first ``length`` positions are real.
+        meaning the first ``length`` positions are real (a length outside [0, seq_len] is a
+        ValueError, under torch.compile too; checking lengths costs one host sync on CUDA, a
+        bool mask none).
       w1: (dim, hidden) (ComiRec: hidden = 4·dim); b1: (hidden,) or None.
       w2: (hidden, num_interests); b2: (num_interests,) or None.
       pos_emb: (seq_len, dim) position embedding added to the keys only, or None.
@@ -182,11 +232,48 @@ def multi_interest_attention(seq_emb: Tensor, mask: Tensor, w1: Tensor, b1: Opti
     [, attention]. A row whose positions are all padded gets all-zero attention, zero interests
     and zero gradients (never NaN; ComiRec's code would give it uniform weights instead).
     An empty batch (batch = 0) raises ValueError.
-    Raises: TypeError / ValueError naming the bad argument; RuntimeError when a backend named
-    explicitly cannot run here.
+
+    Numerics: fp16/bf16 inputs are computed with fp32 accumulation (fp32 logits and softmax)
+    and returned in the input dtype. Padding is not data: seq_emb at padded positions is never
+    read, so a NaN/Inf there changes no value and no gradient (the gradient there is 0).
+    Non-finite values at real positions give PyTorch's result on every backend (the eager
+    reference's): e.g. an Inf in seq_emb[b, l, j] saturates tanh in the keys of position l and
+    makes feature j of each interest of row b ±inf (NaN where its weight underflows to 0),
+    everything else finite. Gradients of non-finite inputs are not specified.
+
+    Autocast: under ``torch.autocast`` (CPU or CUDA) the op is cast like ``torch.matmul``:
+    fp32/fp16/bf16 tensor arguments are cast to the autocast dtype (differentiably, so fp32
+    parameters get fp32 gradients), the op runs in that dtype (fp32 accumulation) and returns
+    it; fp64 arguments are not cast.
+
+    Raises: TypeError / ValueError naming the bad argument, compiled
+    (``torch.compile(fullgraph=True)``) or not: while compiling, an argument error becomes an
+    opaque op that raises it when the graph runs; RuntimeError when a backend named explicitly
+    cannot run here.
     """
+    try:
+        return _multi_interest_attention(seq_emb, mask, w1, b1, w2, b2, pos_emb,
+                                         return_attention, backend)
+    except (TypeError, ValueError) as err:
+        if not compiling():
+            raise
+        return deferred_error(err, seq_emb, pair=return_attention is True)
+
+
+def _multi_interest_attention(seq_emb, mask, w1, b1, w2, b2, pos_emb, return_attention,
+                              backend):
+    dt = _autocast_dtype(seq_emb.device.type) if isinstance(seq_emb, Tensor) else None
+    if dt is not None:
+        seq_emb, w1, b1, w2, b2, pos_emb = _autocast(dt, seq_emb, w1, b1, w2, b2, pos_emb)
     mask = _validate(seq_emb, mask, w1, b1, w2, b2, pos_emb, return_attention)
     be = _backend.resolve(OP, backend, seq_emb.device)
+    if dt is not None:  # inputs cast already; the kernels and the reference run as they are
+        with torch.autocast(seq_emb.device.type, enabled=False):
+            return _dispatch(seq_emb, mask, w1, b1, w2, b2, pos_emb, return_attention, be)
+    return _dispatch(seq_emb, mask, w1, b1, w2, b2, pos_emb, return_attention, be)
+
+
+def _dispatch(seq_emb, mask, w1, b1, w2, b2, pos_emb, return_attention, be):
     if be == "eager":
         return attention_ref(seq_emb, mask, w1, b1, w2, b2, pos_emb=pos_emb,
                              return_attention=return_attention)
@@ -211,8 +298,14 @@ def label_aware_attention(interests: Tensor, target_emb: Tensor, *,
         (a negative score to a fractional power is NaN).
 
     Returns the user vector (batch, dim). Eager PyTorch (a (B, K) score matrix and a gather or a
-    weighted sum: nothing worth fusing).
+    weighted sum: nothing worth fusing), computed in fp32 for fp16/bf16 inputs. Under
+    ``torch.autocast`` both inputs are cast to the autocast dtype first (fp64 ones are not),
+    as for ``multi_interest_attention``.
     """
+    if isinstance(interests, Tensor) and isinstance(target_emb, Tensor):
+        dt = _autocast_dtype(interests.device.type)
+        if dt is not None:
+            interests, target_emb = _autocast(dt, interests, target_emb)
     _checks.tensor("interests", interests, ndim=3, dtypes=FLOATS)
     _checks.tensor("target_emb", target_emb, ndim=2, dtypes=FLOATS, device=interests.device)
     B, K, d = interests.shape
