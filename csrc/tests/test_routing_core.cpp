@@ -34,12 +34,13 @@ struct Boxed {
 // u: dense (K, L, d) (the caller expands the shared layout); mask: L; init: (K, L) or empty.
 // u_route is the u the logit updates and the couplings see, u_last the u the s of the last
 // iteration sums: both are u without detach; with detach the gradient flows through u_last only.
+// seq_all (torch-rechub): the sequence softmax runs over all L positions, padded ones included.
 // ------------------------------------------------------------------------------------------
 struct NaiveOut {
   std::vector<double> v, c, s;  // v (K, d), c_last (K, L), s_last (K, d)
 };
 
-NaiveOut naive_forward(int K, int L, int d, int iters, bool seq_axis,
+NaiveOut naive_forward(int K, int L, int d, int iters, bool seq_axis, bool seq_all,
                        const std::vector<double>& u_route, const std::vector<double>& u_last,
                        const std::vector<char>& mask, const std::vector<double>& init) {
   auto U = [&](const std::vector<double>& u, int k, int l, int j) {
@@ -62,10 +63,10 @@ NaiveOut naive_forward(int K, int L, int d, int iters, bool seq_axis,
         double mx = -1e300;
         bool any = false;
         for (int l = 0; l < L; ++l)
-          if (mask[l]) { mx = std::max(mx, b[k * L + l]); any = true; }
+          if (mask[l] || seq_all) { mx = std::max(mx, b[k * L + l]); any = true; }
         double z = 0;
         for (int l = 0; l < L; ++l)
-          if (mask[l]) z += std::exp(b[k * L + l] - mx);
+          if (mask[l] || seq_all) z += std::exp(b[k * L + l] - mx);
         for (int l = 0; l < L; ++l)
           c[k * L + l] = (any && mask[l]) ? std::exp(b[k * L + l] - mx) / z : 0.0;
       }
@@ -105,10 +106,12 @@ struct Case {
   int B, K, L, d, iters;
   bool shared, seq_axis, detach, with_init;
   double pad;  // probability of a padded position
+  bool seq_all = false;  // with seq_axis: torch-rechub's softmax over all L positions
   std::string name() const {
     char buf[200];
     std::snprintf(buf, sizeof buf, "B=%d K=%d L=%d d=%d T=%d %s %s %s %s", B, K, L, d, iters,
-                  shared ? "shared" : "per_position", seq_axis ? "sequence" : "interest",
+                  shared ? "shared" : "per_position",
+                  seq_all ? "sequence(all)" : (seq_axis ? "sequence" : "interest"),
                   detach ? "detach" : "no-detach", with_init ? "init" : "no-init");
     return buf;
   }
@@ -184,8 +187,8 @@ void naive_batch(const Problem& p, std::vector<double>& v, std::vector<double>& 
   s.assign(size_t(cs.B) * cs.K * cs.d, 0);
   for (int b = 0; b < cs.B; ++b) {
     const auto ur = dense_row(p, p.u, b);
-    const NaiveOut o = naive_forward(cs.K, cs.L, cs.d, cs.iters, cs.seq_axis, ur, ur,
-                                     row_mask(p, b), row_init(p, b));
+    const NaiveOut o = naive_forward(cs.K, cs.L, cs.d, cs.iters, cs.seq_axis, cs.seq_all, ur,
+                                     ur, row_mask(p, b), row_init(p, b));
     std::copy(o.v.begin(), o.v.end(), v.begin() + size_t(b) * cs.K * cs.d);
     std::copy(o.c.begin(), o.c.end(), c.begin() + size_t(b) * cs.K * cs.L);
     std::copy(o.s.begin(), o.s.end(), s.begin() + size_t(b) * cs.K * cs.d);
@@ -204,8 +207,8 @@ std::vector<double> naive_grad_fd(const Problem& p) {
     const auto in = row_init(p, b);
     const double* gv = p.grad_v.data() + size_t(b) * cs.K * cs.d;
     auto objective = [&](const std::vector<double>& u_route, const std::vector<double>& u_last) {
-      const NaiveOut o = naive_forward(cs.K, cs.L, cs.d, cs.iters, cs.seq_axis, u_route, u_last,
-                                       m, in);
+      const NaiveOut o = naive_forward(cs.K, cs.L, cs.d, cs.iters, cs.seq_axis, cs.seq_all,
+                                       u_route, u_last, m, in);
       double acc = 0;
       for (size_t i = 0; i < o.v.size(); ++i) acc += o.v[i] * gv[i];
       return acc;
@@ -242,6 +245,7 @@ KernelOut<T> run_kernel(const Problem& p) {
   const int B = cs.B, K = cs.K, L = cs.L, d = cs.d;
   rc::Dims D;
   D.K = K; D.L = L; D.d = d; D.iters = cs.iters; D.seq_axis = cs.seq_axis; D.shared = cs.shared;
+  D.seq_all = cs.seq_all;
 
   std::vector<T> u(p.u.size());
   for (size_t i = 0; i < u.size(); ++i) u[i] = static_cast<T>(static_cast<A>(p.u[i]));
@@ -315,7 +319,8 @@ void check_close(const std::string& what, const std::vector<double>& got,
   }
 }
 
-// Padded positions of grad_u and every output of an all-padded row must be exactly zero.
+// Padded positions of grad_u and every output of an all-padded row must be exactly zero (grad_u
+// at padded positions is not, by definition, for seq_all without detach: padded logits count).
 template <class T>
 void check_padding(const Problem& p, const KernelOut<T>& k, const std::string& tag) {
   ++g_checks;
@@ -326,7 +331,8 @@ void check_padding(const Problem& p, const KernelOut<T>& k, const std::string& t
       const bool real = p.mask[size_t(b) * cs.L + l] != 0;
       for (int k2 = 0; k2 < (cs.shared ? 1 : cs.K); ++k2)
         for (int j = 0; j < cs.d; ++j) {
-          if (!real && k.grad_u[p.uidx(b, k2, l, j)] != 0.0) ok = false;
+          if (!real && k.grad_u[p.uidx(b, k2, l, j)] != 0.0 && (cs.detach || !cs.seq_all))
+            ok = false;
           if (!real && k.c[(size_t(b) * cs.K + k2) * cs.L + l] != 0.0) ok = false;
         }
     }
@@ -456,10 +462,11 @@ int main() {
   for (const Shape& sh : shapes)
     for (int iters : {1, 2, 3})
       for (bool shared : {true, false})
-        for (bool seq_axis : {false, true})
+        for (int axis : {0, 1, 2})  // interest, sequence (real positions), sequence (all)
           for (bool detach : {true, false})
             for (bool with_init : {false, true}) {
-              Case cs{sh.B, sh.K, sh.L, sh.d, iters, shared, seq_axis, detach, with_init, sh.pad};
+              Case cs{sh.B, sh.K, sh.L, sh.d, iters, shared, axis > 0, detach, with_init, sh.pad,
+                      axis == 2};
               run_case(cs, rng);
             }
   std::printf("%d checks, %d failures\n", g_checks, g_failures);

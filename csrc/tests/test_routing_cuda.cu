@@ -116,8 +116,9 @@ struct RefFwd {
   std::vector<double> P, C, S, V;  // per iteration: softmax p and c = p*mask (K, L); s, v (K, d)
 };
 
+// all (with seq): torch-rechub's sequence softmax over all L positions, padded ones included.
 RefFwd ref_forward(int K, int L, int d, int T, bool seq, const double* u, const char* mask,
-                   const double* init) {
+                   const double* init, bool all = false) {
   RefFwd f;
   f.K = K;
   f.L = L;
@@ -140,15 +141,15 @@ RefFwd ref_forward(int K, int L, int d, int T, bool seq, const double* u, const 
         double mx = -1e300, z = 0;
         bool any = false;
         for (int l = 0; l < L; ++l)
-          if (mask[l]) {
+          if (mask[l] || all) {
             mx = std::max(mx, b[k * L + l]);
             any = true;
           }
         if (!any) continue;  // every position padded: p = 0
         for (int l = 0; l < L; ++l)
-          if (mask[l]) z += std::exp(b[k * L + l] - mx);
+          if (mask[l] || all) z += std::exp(b[k * L + l] - mx);
         for (int l = 0; l < L; ++l)
-          if (mask[l]) p[k * L + l] = std::exp(b[k * L + l] - mx) / z;
+          if (mask[l] || all) p[k * L + l] = std::exp(b[k * L + l] - mx) / z;
       }
     }
     for (int i = 0; i < K * L; ++i) c[i] = mask[i % L] ? p[i] : 0.0;
@@ -247,7 +248,7 @@ bool check_reference_gradient() {
   std::mt19937 gen(7);
   std::normal_distribution<double> nd(0.0, 0.7);
   bool ok = true;
-  for (int seq = 0; seq < 2; ++seq) {
+  for (int seq = 0; seq < 3; ++seq) {  // interest, sequence (real positions), sequence (all)
     const int K = 3, L = 5, d = 4, T = 3;
     std::vector<double> u(size_t(K) * L * d), init(size_t(K) * L), gv(size_t(K) * d);
     for (auto& x : u) x = nd(gen);
@@ -255,13 +256,13 @@ bool check_reference_gradient() {
     for (auto& x : gv) x = nd(gen);
     const char mask[L] = {1, 0, 1, 1, 0};
     auto loss = [&](const std::vector<double>& uu) {
-      const RefFwd f = ref_forward(K, L, d, T, seq, uu.data(), mask, init.data());
+      const RefFwd f = ref_forward(K, L, d, T, seq > 0, uu.data(), mask, init.data(), seq == 2);
       double acc = 0;
       for (int t = 0; t < K * d; ++t) acc += gv[t] * f.V[size_t(T - 1) * K * d + t];
       return acc;
     };
-    const RefFwd f = ref_forward(K, L, d, T, seq, u.data(), mask, init.data());
-    const std::vector<double> g = ref_backward(f, seq, false, u.data(), mask, gv.data());
+    const RefFwd f = ref_forward(K, L, d, T, seq > 0, u.data(), mask, init.data(), seq == 2);
+    const std::vector<double> g = ref_backward(f, seq > 0, false, u.data(), mask, gv.data());
     double worst = 0;
     for (size_t t = 0; t < u.size(); ++t) {
       std::vector<double> up = u, um = u;
@@ -317,6 +318,7 @@ struct Case {
   int threads;  // 0: automatic
   int pad;      // extra elements on the row stride of u (padded, non-contiguous layout)
   unsigned seed;
+  bool all = false;  // with seq: torch-rechub's softmax over all L positions
 };
 
 std::string describe(const Case& c) {
@@ -324,8 +326,8 @@ std::string describe(const Case& c) {
   std::snprintf(buf, sizeof(buf),
                 "B=%d K=%d L=%d d=%d T=%d %s %s %s %s init=%d threads=%d pad=%d", c.B, c.K, c.L,
                 c.d, c.T, dtype_name(c.dt), c.shared ? "shared" : "per_position",
-                c.seq ? "seq_axis" : "interest_axis", c.full ? "full" : "detach", int(c.init),
-                c.threads, c.pad);
+                c.all ? "seq_axis(all)" : (c.seq ? "seq_axis" : "interest_axis"),
+                c.full ? "full" : "detach", int(c.init), c.threads, c.pad);
   return buf;
 }
 
@@ -429,6 +431,7 @@ void run_case(const Case& c) {
   p.d = d;
   p.iters = T;
   p.seq_axis = c.seq;
+  p.seq_all = c.all;
   p.shared = c.shared;
   p.u = d_u.p;
   p.u_sb = sb;
@@ -462,7 +465,7 @@ void run_case(const Case& c) {
     const double* ub = &u_dense[size_t(b) * K * L * d];
     const char* mb = &mask[size_t(b) * L];
     const double* ib = c.init ? &init_d[size_t(b) * K * L] : nullptr;
-    const RefFwd f = ref_forward(K, L, d, T, c.seq, ub, mb, ib);
+    const RefFwd f = ref_forward(K, L, d, T, c.seq, ub, mb, ib, c.all);
     const size_t KL = size_t(K) * L, Kd = size_t(K) * d;
     v_want.insert(v_want.end(), f.V.begin() + (T - 1) * Kd, f.V.begin() + T * Kd);
     c_want.insert(c_want.end(), f.C.begin() + (T - 1) * KL, f.C.begin() + T * KL);
@@ -514,6 +517,7 @@ void run_case(const Case& c) {
   q.d = d;
   q.iters = T;
   q.seq_axis = c.seq;
+  q.seq_all = c.all;
   q.shared = c.shared;
   q.mask = p.mask;
   q.mask_sb = L;
@@ -607,6 +611,16 @@ int main() {
                                  bool(full), (n % 2) == 0, dt, threads[n % 8], pads[n % 4],
                                  seed++});
           }
+  // torch-rechub's sequence softmax (padded logits in the denominator), every dtype and layout
+  for (rk::DType dt : dts)
+    for (int shared = 0; shared < 2; ++shared)
+      for (int full = 0; full < 2; ++full, ++n) {
+        const int* s = shapes[(n * 3) % nshapes];
+        Case cs{s[0], s[1], s[2], s[3], s[4], true, bool(shared), bool(full), (n % 2) == 0, dt,
+                threads[n % 8], pads[n % 4], seed++};
+        cs.all = true;
+        cases.push_back(cs);
+      }
   // every shape at least once, fp32 and bf16, both layouts
   for (int i = 0; i < nshapes; ++i)
     for (int shared = 0; shared < 2; ++shared) {
