@@ -717,3 +717,31 @@ def test_mind_fused_opcheck():
     init = torch.randn(b, k, l)
     for seq_axis, seq_all in ((False, False), (True, True)):
         torch.library.opcheck(_routing_mind_fwd_op, (seq, w, mask, init, k, 3, seq_axis, seq_all))
+
+
+def test_mind_fused_under_compile():
+    # the fused MIND ops are opaque custom ops: torch.compile(fullgraph=True) runs them as they
+    # are (Triton under the interpreter here), with the same values, gradients and checks
+    if "triton" not in FUSED:
+        pytest.skip("triton not available")
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randn(3, 6, 16, generator=g, requires_grad=True)
+    w = (torch.randn(16, 16, generator=g) / 4).requires_grad_(True)
+    init = torch.randn(3, 2, 6, generator=g)
+
+    def fn(s, ww, lengths):
+        return capsule_routing(s, lengths, ww, num_interests=2, bilinear="shared",
+                               init_logits=init, softmax_axis="sequence", backend="triton")
+
+    lengths = torch.tensor([6, 2, 0])
+    want = fn(seq, w, lengths)
+    gw = torch.autograd.grad(want.sum(), (seq, w))
+    compiled = torch.compile(fn, fullgraph=True, backend="inductor")
+    got = compiled(seq, w, lengths)
+    gg = torch.autograd.grad(got.sum(), (seq, w))
+    assert_close(got, want, atol=1e-6, name="compiled fused interests")
+    for a, e in zip(gg, gw):
+        assert_close(a, e, atol=1e-6, name="compiled fused gradient")
+    with pytest.raises(ValueError, match="lengths"):
+        compiled(seq, w, torch.tensor([7, 1, 0]))
