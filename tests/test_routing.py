@@ -745,3 +745,25 @@ def test_mind_fused_under_compile():
         assert_close(a, e, atol=1e-6, name="compiled fused gradient")
     with pytest.raises(ValueError, match="lengths"):
         compiled(seq, w, torch.tensor([7, 1, 0]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("softmax_axis", ["interest", "sequence", "sequence_real"])
+@pytest.mark.parametrize("bilinear", ["shared", "per_position"])
+@pytest.mark.parametrize("detach", [True, False])
+def test_softmax_variants_match_formula_cuda(backend, softmax_axis, bilinear, detach):
+    # the CUDA C++ kernels and the GPU Triton kernels (fused MIND included) against formula()
+    if not B.available("routing", backend, torch.device("cuda")):
+        pytest.fail(f"backend {backend} not available on this GPU machine")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    seq, mask, w, init, gout, K = variant_case(bilinear)
+    kw = dict(num_interests=K, iters=3, bilinear=bilinear, softmax_axis=softmax_axis,
+              detach_routing=detach)
+    cuda = lambda t: t.to("cuda", torch.float32)  # noqa: E731
+    got = run(lambda s, ww: capsule_routing(s, mask.cuda(), ww, init_logits=init.cuda(),
+                                            backend=backend, **kw),
+              cuda(seq), cuda(w), cuda(gout))
+    want = run(lambda s, ww: formula(s, mask, ww, init_logits=init, **kw), seq, w, gout)
+    for name, a, e in zip(("interests", "grad seq_emb", "grad weight"), got, want):
+        assert_close(a.cpu(), e, atol=2e-5, rtol=1e-4, name=f"{backend} {softmax_axis} {name}")
