@@ -319,3 +319,41 @@ def no_grad(fn: Callable[[], object]):
         with torch.no_grad():
             return fn()
     return run
+
+
+def loss_bench_main(mod, doc: str, argv=None, extra_providers=()) -> None:
+    """The command line of bench/linear_cross_entropy.py and bench/sampled_softmax.py: ``mod``
+    is the script's module, with OP, PROVIDERS, DTYPES, SHAPE_FLAG / SHAPE_LEN / SHAPE_HELP,
+    QUICK_SHAPES / GPU_SHAPES / CPU_SHAPES and ``build_cases(shapes, dtype, device, providers,
+    modes)``. Default dtype bf16 on CUDA, fp32 on CPU; --gpu-suite: the headline shapes (a
+    catalog of at least 1M items) in bf16 and fp32, torch.compile in bf16 only."""
+    stable_malloc()
+    ap = base_parser(doc, mod.PROVIDERS, "fwd+bwd")
+    ap.add_argument("--dtype", default=None, help="comma list of " + ",".join(sorted(mod.DTYPES))
+                    + " (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument(mod.SHAPE_FLAG, "--shapes", dest="shapes", nargs="*", help=mod.SHAPE_HELP)
+    ap.add_argument("--gpu-suite", action="store_true",
+                    help="headline GPU shapes, bf16 and fp32 (bench/gpu_suite.sh)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    providers = parse_providers(ap, args.providers, device, mod.OP, extra=tuple(extra_providers))
+    modes = args.modes.split(",")
+    shapes = pick_shapes(args, device, mod.QUICK_SHAPES, mod.GPU_SHAPES, mod.CPU_SHAPES)
+    if any(len(s) != mod.SHAPE_LEN for s in shapes):
+        ap.error(f"{mod.SHAPE_FLAG}: each shape is {mod.SHAPE_HELP.split()[0]}")
+    dtypes = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    if args.gpu_suite:  # the headline shapes only (the suite runs under a time budget)
+        dtypes = "bf16,fp32"
+        shapes = [s for s in shapes if s[1] >= 1_000_000]
+    for name in dtypes.split(","):
+        if name not in mod.DTYPES:
+            ap.error(f"--dtype: unknown {name!r} (choose from {sorted(mod.DTYPES)})")
+    print_versions()
+    cases = []
+    for name in dtypes.split(","):
+        dtype = mod.DTYPES[name]
+        provs = providers
+        if args.gpu_suite and dtype == torch.float32:  # keep the suite short: no recompiles
+            provs = [p for p in providers if p != "compile"]
+        cases += mod.build_cases(shapes, dtype, device, provs, modes)
+    run_cases(mod.OP, cases, device, csv_path=args.csv, reps=3 if args.quick else args.reps)

@@ -237,7 +237,7 @@ def main(args) -> int:
         if new:
             writer.writeheader()
     failed = crashed = 0
-    print(f"| check | dtype | quantity | ok | kernel err | eager err | bound | s |", flush=True)
+    print("| check | dtype | quantity | ok | kernel err | eager err | bound | s |", flush=True)
     print("|---|---|---|---|---|---|---|---|", flush=True)
     for name in names:
         for dname in args.dtypes.split(","):

@@ -66,37 +66,7 @@ def build_cases(shapes, dtype, device, providers, modes):
 
 
 def main(argv=None):
-    _harness.stable_malloc()
-    ap = _harness.base_parser(__doc__, PROVIDERS, "fwd+bwd")
-    ap.add_argument("--dtype", default=None, help="comma list of " + ",".join(sorted(DTYPES))
-                    + " (default: bf16 on CUDA, fp32 on CPU)")
-    ap.add_argument(SHAPE_FLAG, "--shapes", dest="shapes", nargs="*", help=SHAPE_HELP)
-    ap.add_argument("--gpu-suite", action="store_true",
-                    help="headline GPU shapes, bf16 and fp32 (bench/gpu_suite.sh)")
-    args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    providers = _harness.parse_providers(ap, args.providers, device, OP)
-    modes = args.modes.split(",")
-    shapes = _harness.pick_shapes(args, device, QUICK_SHAPES, GPU_SHAPES, CPU_SHAPES)
-    if any(len(s) != SHAPE_LEN for s in shapes):
-        ap.error(f"{SHAPE_FLAG}: each shape is {SHAPE_HELP.split()[0]}")
-    dtypes = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    if args.gpu_suite:  # the headline shapes only (the suite has a 5-minute budget)
-        dtypes = "bf16,fp32"
-        shapes = [s for s in shapes if s[1] >= 1_000_000]
-    for name in dtypes.split(","):
-        if name not in DTYPES:
-            ap.error(f"--dtype: unknown {name!r} (choose from {sorted(DTYPES)})")
-    _harness.print_versions()
-    cases = []
-    for name in dtypes.split(","):
-        dtype = DTYPES[name]
-        provs = providers
-        if args.gpu_suite and dtype == torch.float32:  # keep the suite short: no recompiles
-            provs = [p for p in providers if p != "compile"]
-        cases += build_cases(shapes, dtype, device, provs, modes)
-    _harness.run_cases(OP, cases, device, csv_path=args.csv,
-                       reps=3 if args.quick else args.reps)
+    _harness.loss_bench_main(sys.modules[__name__], __doc__, argv, extra_providers=())
 
 
 if __name__ == "__main__":
