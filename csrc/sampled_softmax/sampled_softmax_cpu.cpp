@@ -8,15 +8,14 @@
 // catalog: memory O(B·chunk) for shared columns and O(B·chunk·d) for per-row negatives; one
 // parallel region per candidate kind, per-thread lse / dU. Item gradients of a chunk are
 // complete over the batch: the shared columns' (C, d) are scatter-added once after the parallel
-// region (deterministic); per-row negatives' are scatter-added per chunk under a mutex (ids
-// repeat across chunks), so there the summation order of repeated ids may vary between runs
-// (last-bit differences only).
+// region; per-row negatives' are computed in waves of one chunk per thread and scatter-added
+// in chunk order after each wave. Both in a fixed order: the item gradient has the same bits
+// on every run.
 // Element-wise work uses ATen ops on the chunk; everything is computed in float32 (float64 for
 // float64 inputs, so gradcheck works), bf16/fp16 inputs converted chunk by chunk.
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -198,7 +197,6 @@ std::vector<at::Tensor> sampled_softmax_bwd_cpu(
   at::Tensor du_t;
   if (need_user) du_t = at::zeros({at::get_num_threads(), B, d}, user.options().dtype(acc));
   at::Tensor dw = need_items ? at::zeros({N, d}, user.options().dtype(acc)) : at::Tensor();
-  std::mutex scatter;  // per-row negatives: item rows repeat across chunks, scatters take turns
   if (p.col_ids.defined()) {
     const int64_t C = p.col_ids.size(0), step = sampled_chunk(B, C);
     // the shared columns' item gradients (C, d) are complete per chunk: each chunk writes its
@@ -221,20 +219,36 @@ std::vector<at::Tensor> sampled_softmax_bwd_cpu(
   }
   if (p.row_neg.defined()) {
     const int64_t S = p.row_neg.size(1), step = sampled_chunk(B * d, S);
-    at::parallel_for(0, (S + step - 1) / step, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const int64_t s0 = c * step, n = std::min(step, S - s0);
-        at::Tensor wn, ids;
-        at::Tensor dz = row_negatives_logits(p, items, target, s0, n, remove_hits, acc, &wn, &ids);
-        dz.sub_(lse_col).exp_().mul_(g_col);
-        if (need_user) du_t[at::get_thread_num()].add_(at::bmm(dz.unsqueeze(1), wn).squeeze(1));
-        if (need_items) {
-          at::Tensor gs = (dz.unsqueeze(2) * p.us.unsqueeze(1)).view({-1, d});  // (B·n, d)
-          std::lock_guard<std::mutex> lock(scatter);
-          dw.index_add_(0, ids.view({-1}), gs);
+    const int64_t n_chunks = (S + step - 1) / step;
+    // Item rows repeat across chunks. Chunks run in parallel in waves of one chunk per thread,
+    // each writing its (B·n, d) item gradient into its own slot; after a wave the slots are
+    // scatter-added in chunk order. Fixed summation order: the same bits on every run, for
+    // any thread count; memory O(threads · B·chunk·d).
+    const int64_t wave = need_items ? std::max<int64_t>(1, at::get_num_threads()) : n_chunks;
+    std::vector<at::Tensor> slot_grad(need_items ? wave : 0), slot_ids(need_items ? wave : 0);
+    for (int64_t w0 = 0; w0 < n_chunks; w0 += wave) {
+      const int64_t w1 = std::min(n_chunks, w0 + wave);
+      at::parallel_for(w0, w1, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          const int64_t s0 = c * step, n = std::min(step, S - s0);
+          at::Tensor wn, ids;
+          at::Tensor dz =
+              row_negatives_logits(p, items, target, s0, n, remove_hits, acc, &wn, &ids);
+          dz.sub_(lse_col).exp_().mul_(g_col);
+          if (need_user) du_t[at::get_thread_num()].add_(at::bmm(dz.unsqueeze(1), wn).squeeze(1));
+          if (need_items) {
+            slot_grad[c - w0] = (dz.unsqueeze(2) * p.us.unsqueeze(1)).view({-1, d});  // (B·n, d)
+            slot_ids[c - w0] = ids.view({-1});
+          }
+        }
+      });
+      if (need_items) {
+        for (int64_t c = w0; c < w1; ++c) {
+          dw.index_add_(0, slot_ids[c - w0], slot_grad[c - w0]);
+          slot_grad[c - w0] = at::Tensor();
         }
       }
-    });
+    }
   }
   // the positive: dL/dz = g·(p_pos - 1)
   at::Tensor dzp = (p.zpos - lse.to(acc)).exp_().sub_(1.0).mul_(g);
