@@ -406,3 +406,33 @@ def test_sampled_cpu_autocast_bf16(backend, per_row):
     assert abs(loss.item() - want.item()) < 2e-2 * max(1.0, abs(want.item()))
     for name, a, e in (("du", u.grad, u2.grad), ("dw", w.grad, w2.grad)):
         assert_close(a, e, atol=2e-2 * max(1.0, e.abs().max().item()), rtol=0, name=name)
+
+
+def test_sampled_cpp_per_row_item_gradient_is_deterministic():
+    """Per-row negatives with heavily repeated ids over many chunks, 2 threads, reduction
+    "none": the C++ item gradient is scatter-added in chunk order, the same bits on every run
+    (it used to be added under a mutex in thread arrival order)."""
+    if "cpp" not in FUSED:
+        pytest.skip("C++ extension not built")
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        B, N, S, d = 1024, 12, 256, 16            # 2^18 / (B·d) = 16 samples per chunk: 16 chunks
+        user = torch.randn(B, d, generator=g)
+        items = torch.randn(N, d, generator=g)
+        target = torch.randint(0, N, (B,), generator=g)
+        neg = torch.randint(0, N, (B, S), generator=g)
+        gout = torch.randn(B, generator=g)
+        grads = []
+        for _ in range(8):
+            w = items.clone().requires_grad_()
+            u = user.clone().requires_grad_()
+            loss = sampled_softmax_loss(u, w, target, neg, reduction="none", backend="cpp")
+            loss.backward(gout)
+            grads.append((w.grad, u.grad))
+        for w_grad, u_grad in grads[1:]:
+            assert torch.equal(grads[0][0], w_grad)
+            assert torch.equal(grads[0][1], u_grad)
+    finally:
+        torch.set_num_threads(n)
