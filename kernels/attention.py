@@ -299,6 +299,47 @@ def _warps(tile_elems: int) -> int:
     return 8 if tile_elems >= 4096 else 4
 
 
+# Launch configurations, sized with bench/sm90_report.py (sm_90, no spill, shared memory within
+# 227 KB; bench/NOTES.md has the table). fp32 dots run as 3xTF32 (``fp32_dot_precision``): each
+# is three tf32 MMAs on split big/small operands, which roughly triples the operand registers,
+# so fp32 takes smaller tiles and one stage: (d_a chunks of 16, 32-row backward tiles). The
+# 32-row tiles lower to mma.sync rather than wgmma (64 rows per warp group); at 64 rows the
+# split operands spill. fp16/bf16 keep 64-row tiles (wgmma).
+
+
+def _fp32_tc(dtype: torch.dtype) -> bool:
+    """fp32 inputs: tensor-core dots with split operands (tf32x3/tf32), hence small tiles."""
+    return dtype == torch.float32
+
+
+def _fwd_config(dtype: torch.dtype, L: int, D: int, DA: int, K: int):
+    """Forward kernel: (BLOCK_L, BLOCK_D, BLOCK_DA, num_warps, num_stages)."""
+    block_l, block_d, block_da = _row_blocks(L, D, DA)
+    if _fp32_tc(dtype):
+        return block_l, block_d, min(block_da, 16), 4, 1
+    return block_l, block_d, block_da, _warps(block_l * max(block_d, block_da)), 3
+
+
+def _rows_config(dtype: torch.dtype, L: int, D: int, DA: int, K: int):
+    """Rows-backward kernel: (BLOCK_L, BLOCK_D, BLOCK_DA, num_warps, num_stages)."""
+    block_l, block_d, block_da = _row_blocks(L, D, DA)
+    if _fp32_tc(dtype):
+        block_l = min(block_l, 32 if block_d <= 64 else 16)
+        return block_l, block_d, min(block_da, 16), 8 if block_d <= 64 else 4, 1
+    return block_l, block_d, block_da, _warps(block_l * max(block_d, block_da)), 3
+
+
+def _weights_config(dtype: torch.dtype, D: int, DA: int, K: int):
+    """Weight-gradient kernel: (BLOCK_M, BLOCK_DA, num_warps, num_stages); d_a in chunks so
+    that the (d, d_a-chunk) gradient tile stays in registers."""
+    block_d = _pow2(D)
+    if _fp32_tc(dtype):
+        return 16, min(_pow2(DA), 32 if block_d <= 64 else 16), 4, 1
+    block_da = min(_pow2(DA), max(16, 4096 // block_d))
+    block_m = 64 if block_d <= 64 else 32
+    return block_m, block_da, _warps(block_d * block_da), 3
+
+
 def _contig(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.contiguous()
 
@@ -321,7 +362,7 @@ def _attention_fwd(x: torch.Tensor, mask: torch.Tensor, w1: torch.Tensor,
     probs = torch.empty((B, K, L), device=x.device, dtype=acc_t)
     if B == 0:
         return out, probs
-    block_l, block_d, block_da = _row_blocks(L, D, DA)
+    block_l, block_d, block_da, warps, stages = _fwd_config(x.dtype, L, D, DA, K)
     one_chunk = L <= block_l
     lse = probs if one_chunk else torch.empty((B, K), device=x.device, dtype=acc_t)
     _attention_fwd_kernel[(B,)](
@@ -332,7 +373,7 @@ def _attention_fwd(x: torch.Tensor, mask: torch.Tensor, w1: torch.Tensor,
         ONE_CHUNK=one_chunk,
         BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_DA=block_da, BLOCK_K=_pow2(K),
         DOT_DTYPE=DOT, INPUT_PRECISION=prec, ACC=ACC,
-        num_warps=_warps(block_l * max(block_d, block_da)),
+        num_warps=warps, num_stages=stages,
     )
     if not one_chunk:  # logits -> probabilities (B·K·L elements, cheap next to the kernel)
         probs.sub_(lse[:, :, None]).exp_().masked_fill_(~mask[:, None, :], 0.0)
@@ -365,7 +406,7 @@ def _attention_bwd(grad_out: torch.Tensor, grad_probs: Optional[torch.Tensor],
         delta = delta + (gp * probs).sum(-1)
     delta = delta.contiguous()
 
-    block_l, block_d, block_da_rows = _row_blocks(L, D, DA)
+    block_l, block_d, block_da_rows, warps, stages = _rows_config(x.dtype, L, D, DA, K)
     block_k = _pow2(K)
     gx = torch.empty((B, L, D), device=dev, dtype=x.dtype)
     ga = torch.empty((B, L, K), device=dev, dtype=acc_t)
@@ -381,13 +422,11 @@ def _attention_bwd(grad_out: torch.Tensor, grad_probs: Optional[torch.Tensor],
             HAS_B1=b1 is not None, HAS_POS=pos is not None, HAS_GPROBS=has_gp,
             BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_DA=block_da_rows, BLOCK_K=block_k,
             DOT_DTYPE=DOT, INPUT_PRECISION=prec, ACC=ACC,
-            num_warps=_warps(block_l * max(block_d, block_da_rows)),
+            num_warps=warps, num_stages=stages,
         )
-        # weights kernel: d_a in chunks so that the (d, d_a-chunk) gradient tile stays in
-        # registers; grid (chunks, positions, batch slices)
-        block_da = min(_pow2(DA), max(16, 8192 // block_d))
+        # weights kernel: grid (d_a chunks, positions, batch slices)
+        block_m, block_da, warps, stages = _weights_config(x.dtype, D, DA, K)
         n_chunks = triton.cdiv(DA, block_da)
-        block_m = 64 if block_d <= 64 else 32
         if dev.type == "cuda":  # enough programs to fill the GPU, each over many rows
             target = 4 * num_sms(dev)
             slices = max(1, min(triton.cdiv(B, block_m), triton.cdiv(target, n_chunks * L)))
@@ -402,7 +441,7 @@ def _attention_bwd(grad_out: torch.Tensor, grad_probs: Optional[torch.Tensor],
             HAS_B1=b1 is not None, HAS_POS=pos is not None,
             BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_DA=block_da, BLOCK_K=block_k,
             DOT_DTYPE=DOT, INPUT_PRECISION=prec, ACC=ACC,
-            num_warps=_warps(block_d * block_da),
+            num_warps=warps, num_stages=stages,
         )
     dt = x.dtype
     g_b2 = ga.sum((0, 1)).to(dt) if b2 is not None else None

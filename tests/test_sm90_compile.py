@@ -40,17 +40,6 @@ SMALL_M = ("the (BLOCK_K=16, L)·(L, d) interests dot has M = 16 rows; wgmma nee
            "group, so it lowers to mma.sync")
 
 KNOWN_SPILLS = {
-    # attention: fp32 (FMA dots), the weight-gradient kernel worst
-    ("attention/comirec_sa/4096x50x4x64/fp32", "_attention_fwd_kernel"): FP32_IEEE,  # 448 B
-    ("attention/comirec_sa/4096x50x4x64/fp32", "_attention_bwd_rows_kernel"): FP32_IEEE,  # 712
-    ("attention/comirec_sa/4096x50x4x64/fp32", "_attention_bwd_weights_kernel"): FP32_IEEE,  # 6904
-    ("attention/comirec_sa/8192x200x8x64/fp32", "_attention_fwd_kernel"): FP32_IEEE,  # 424 B
-    ("attention/comirec_sa/8192x200x8x64/fp32", "_attention_bwd_rows_kernel"): FP32_IEEE,  # 712
-    ("attention/comirec_sa/8192x200x8x64/fp32", "_attention_bwd_weights_kernel"): FP32_IEEE,
-    ("attention/comirec_sa/4096x50x4x64/bf16", "_attention_bwd_weights_kernel"):
-        HALF_PRESSURE + " ((d, d_a-chunk) = (64, 128) fp32 gradient tile, 8 warps; 304 B)",
-    ("attention/comirec_sa/4096x50x4x64/fp16", "_attention_bwd_weights_kernel"):
-        HALF_PRESSURE + " ((d, d_a-chunk) = (64, 128) fp32 gradient tile, 8 warps; 304 B)",
     # full-catalog cross-entropy
     ("linear_cross_entropy/full/4096x1000000x64/fp32", "_linear_cross_entropy_fwd_kernel"):
         FP32_IEEE,  # 704 B
@@ -96,13 +85,16 @@ KNOWN_SPILLS = {
         "fp32 dW accumulator: 255 registers at 8 warps, 168 B of spill (16 warps: 792 B)",
 }
 
+ATTN_FP32_TILES = ("fp32 attention backward (3xTF32: split big/small operands) takes 16-32-row "
+                   "tiles to stay spill-free; dots with fewer than 64 rows lower to mma.sync")
+
 MISSING_WGMMA = {
-    ("attention/comirec_sa/4096x50x4x64/fp32", "_attention_fwd_kernel"): FP32_IEEE,
-    ("attention/comirec_sa/4096x50x4x64/fp32", "_attention_bwd_rows_kernel"): FP32_IEEE,
-    ("attention/comirec_sa/4096x50x4x64/fp32", "_attention_bwd_weights_kernel"): FP32_IEEE,
-    ("attention/comirec_sa/8192x200x8x64/fp32", "_attention_fwd_kernel"): FP32_IEEE,
-    ("attention/comirec_sa/8192x200x8x64/fp32", "_attention_bwd_rows_kernel"): FP32_IEEE,
-    ("attention/comirec_sa/8192x200x8x64/fp32", "_attention_bwd_weights_kernel"): FP32_IEEE,
+    ("attention/comirec_sa/4096x50x4x64/fp32", "_attention_fwd_kernel"): SMALL_M,
+    ("attention/comirec_sa/4096x50x4x64/fp32", "_attention_bwd_rows_kernel"): ATTN_FP32_TILES,
+    ("attention/comirec_sa/4096x50x4x64/fp32", "_attention_bwd_weights_kernel"): ATTN_FP32_TILES,
+    ("attention/comirec_sa/8192x200x8x64/fp32", "_attention_fwd_kernel"): SMALL_M,
+    ("attention/comirec_sa/8192x200x8x64/fp32", "_attention_bwd_rows_kernel"): ATTN_FP32_TILES,
+    ("attention/comirec_sa/8192x200x8x64/fp32", "_attention_bwd_weights_kernel"): ATTN_FP32_TILES,
     ("attention/comirec_sa/4096x50x4x64/bf16", "_attention_fwd_kernel"): SMALL_M,
     ("attention/comirec_sa/4096x50x4x64/fp16", "_attention_fwd_kernel"): SMALL_M,
     ("linear_cross_entropy/full/4096x1000000x64/fp32", "_linear_cross_entropy_fwd_kernel"):
