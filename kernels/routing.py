@@ -657,15 +657,83 @@ def _routing_mind_fwd_kernel(e_ptr, w_ptr, mask_ptr, init_ptr, v_ptr, c_ptr, s_p
 
 
 @triton.jit
+def _mind_bwd_full_row(u_res, gv, mask_row, init_row, blog_row, sall_row, mall_row, dall_row,
+                       gs_row, gb_row, kk, ll, dd, lu, du, K, L, D,
+                       ITERS: tl.constexpr, HAS_INIT: tl.constexpr, SEQ_AXIS: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """grad_u (BLOCK_L, BLOCK_D) of one row through every routing iteration, u register-resident
+    (shared layout): ``_routing_bwd_kernel``'s non-detached ONE_CHUNK branch, returning grad_u
+    instead of storing it. Scratch rows as there; gb_row's slot ITERS-1 must hold zeros."""
+    KL = K * L
+    KD = K * D
+    kvalid = kk < K
+    kd_off = kk * D + dd
+    kd_msk = kvalid & (dd < D)
+    s_last, v_last, m_last, den_last, u_res = _fwd_iterations(
+        gs_row, u_res, mask_row, init_row, blog_row, sall_row, mall_row, dall_row,
+        kk, ll, dd, lu, du, K, L, D, 0, D, KL, False,
+        ITERS, HAS_INIT, SEQ_AXIS, False, True, True, tl.float32, BLOCK_K, BLOCK_L, BLOCK_D)
+    g_v = gv
+    for ii in range(ITERS - 1):
+        i = ITERS - 1 - ii
+        s_i = tl.load(sall_row + i * KD + kd_off, mask=kd_msk, other=0.0)
+        gs = _squash_bwd(s_i, g_v, False)
+        tl.store(gs_row + i * KD + kd_off, gs, mask=kd_msk)
+        if SEQ_AXIS:
+            m_i = tl.load(mall_row + i * K + kk, mask=kvalid, other=0.0)
+            inv_i = _inv_den(tl.load(dall_row + i * K + kk, mask=kvalid, other=0.0))
+        else:
+            m_i = _zeros_k(False, BLOCK_K, tl.float32)
+            inv_i = m_i
+        g_v_next, ssum, pu_pad = _bwd_chunk(
+            0, u_res, blog_row + i * KL, gb_row + i * KL, gb_row + (i - 1) * KL, mask_row, gs,
+            m_i, inv_i, _zeros_kd(False, BLOCK_K, BLOCK_D, tl.float32),
+            _zeros_k(False, BLOCK_K, tl.float32), _zeros_kd(False, BLOCK_K, BLOCK_D, tl.float32),
+            kk, ll, kvalid, L, SEQ_AXIS, False, False, tl.float32, BLOCK_K, BLOCK_L, BLOCK_D)
+        u_res = _opaque(u_res, L)
+        tl.debug_barrier()
+        g_v = g_v_next
+    s_0 = tl.load(sall_row + kd_off, mask=kd_msk, other=0.0)
+    tl.store(gs_row + kd_off, _squash_bwd(s_0, g_v, False), mask=kd_msk)
+    tl.debug_barrier()
+    mrow = _mask_row(mask_row, 0, ll, L)
+    mf = mrow.to(tl.float32)
+    kl_off = kk * L + ll
+    kl_msk = kvalid & (ll < L)
+    acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    for i in range(ITERS):
+        if SEQ_AXIS:
+            m_i = tl.load(mall_row + i * K + kk, mask=kvalid, other=0.0)
+            inv_i = _inv_den(tl.load(dall_row + i * K + kk, mask=kvalid, other=0.0))
+        else:
+            m_i = _zeros_k(False, BLOCK_K, tl.float32)
+            inv_i = m_i
+        bl = tl.load(blog_row + i * KL + kl_off, mask=kl_msk, other=0.0)
+        c = _probs(bl, kvalid, _softmax_row(mrow, ll, L, SEQ_AXIS), m_i, inv_i, SEQ_AXIS) * mf
+        gs_i = tl.load(gs_row + i * KD + kd_off, mask=kd_msk, other=0.0)
+        g_b = tl.load(gb_row + i * KL + kl_off, mask=kl_msk, other=0.0)  # 0 at i = T-1
+        v_i = _squash(tl.load(sall_row + i * KD + kd_off, mask=kd_msk, other=0.0), False)
+        acc = _outer_acc(acc, c, gs_i, kk, False, BLOCK_K)
+        acc = _outer_acc(acc, g_b, v_i, kk, False, BLOCK_K)
+    tl.debug_barrier()  # the scratch is the next row's
+    return acc
+
+
+@triton.jit
 def _routing_mind_bwd_kernel(gv_ptr, e_ptr, w_ptr, mask_ptr, c_ptr, s_ptr, de_ptr, dwp_ptr,
+                             init_ptr, blog_ptr, sall_ptr, mall_ptr, dall_ptr, gs_ptr, gb_ptr,
                              B, K, L, D,
+                             ITERS: tl.constexpr, HAS_INIT: tl.constexpr, DETACH: tl.constexpr,
                              SEQ_AXIS: tl.constexpr, CAST_F32: tl.constexpr,
                              PREC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
                              BLOCK_D: tl.constexpr):
-    """Detached backward of the fused MIND routing; program p takes rows p, p + P, ...
+    """Backward of the fused MIND routing; program p takes rows p, p + P, ...
 
-    grad_u_b = Σ_k c_last[b,k,:]ᵀ squash_bwd(s_last[b,k], grad_v[b,k]) (BLOCK_L, BLOCK_D),
-    dE_b = grad_u_b · W written in E's dtype (zero at padded positions), and
+    DETACH: grad_u_b = Σ_k c_last[b,k,:]ᵀ squash_bwd(s_last[b,k], grad_v[b,k]) (BLOCK_L, BLOCK_D);
+    else grad_u_b through every iteration (``_mind_bwd_full_row``: u_b = E_b·Wᵀ recomputed by
+    tl.dot, the iterations recomputed in the program's own scratch rows (P, T, K, L / D)).
+    Then dE_b = grad_u_b · W written in E's dtype (zero at padded positions except for the
+    torch-rechub softmax without detach, SEQ_AXIS 2), and
     dW_p = Σ_{b of p} grad_u_bᵀ · E_b accumulated in fp32 registers, written once to
     dwp_ptr[p] (P, D, D): the caller sums the P partials (no atomics, deterministic).
     grad_u meets the dots in E's dtype (as the unfused path's GEMMs see it), fp32 under
@@ -673,6 +741,7 @@ def _routing_mind_bwd_kernel(gv_ptr, e_ptr, w_ptr, mask_ptr, c_ptr, s_ptr, de_pt
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    p64 = pid.to(tl.int64)
     kk, ll, dd, lu, du = _indices(False, BLOCK_K, BLOCK_L, BLOCK_D)
     kvalid = kk < K
     kd_msk = kvalid & (dd < D)
@@ -684,14 +753,30 @@ def _routing_mind_bwd_kernel(gv_ptr, e_ptr, w_ptr, mask_ptr, c_ptr, s_ptr, de_pt
     for row in range(pid, B, nprog):
         b = zero64 + row  # int64 before pointer math
         gv = tl.load(gv_ptr + b * K * D + kk * D + dd, mask=kd_msk, other=0.0).to(tl.float32)
-        s = tl.load(s_ptr + b * K * D + kk * D + dd, mask=kd_msk, other=0.0)
-        gs = _squash_bwd(s, gv, False)
-        c = tl.load(c_ptr + b * K * L + kk * L + ll, mask=kl_msk, other=0.0)
-        gu = _outer_acc(tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32), c, gs, kk, False,
-                        BLOCK_K)
         e = _mind_e_tile(e_ptr, mask_ptr, b, lu, du, L, D, SEQ_AXIS)
         if CAST_F32:
             e = e.to(tl.float32)
+        if DETACH:
+            s = tl.load(s_ptr + b * K * D + kk * D + dd, mask=kd_msk, other=0.0)
+            gs = _squash_bwd(s, gv, False)
+            c = tl.load(c_ptr + b * K * L + kk * L + ll, mask=kl_msk, other=0.0)
+            gu = _outer_acc(tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32), c, gs, kk, False,
+                            BLOCK_K)
+        else:
+            iw = tl.arange(0, BLOCK_D)[:, None]  # input feature
+            ow = tl.arange(0, BLOCK_D)[None, :]  # output feature
+            wt = tl.load(w_ptr + ow * D + iw, mask=(iw < D) & (ow < D), other=0.0)  # Wᵀ
+            if CAST_F32:
+                wt = wt.to(tl.float32)
+            u_res = tl.dot(e, wt, input_precision=PREC)  # (BLOCK_L, BLOCK_D) fp32
+            KL = K * L
+            KD = K * D
+            gu = _mind_bwd_full_row(
+                u_res, gv, mask_ptr + b * L, init_ptr + b * KL, blog_ptr + p64 * ITERS * KL,
+                sall_ptr + p64 * ITERS * KD, mall_ptr + p64 * ITERS * K,
+                dall_ptr + p64 * ITERS * K, gs_ptr + p64 * ITERS * KD, gb_ptr + p64 * ITERS * KL,
+                kk, ll, dd, lu, du, K, L, D, ITERS, HAS_INIT, SEQ_AXIS, BLOCK_K, BLOCK_L,
+                BLOCK_D)
         gu_op = gu.to(e.dtype)  # deliberate: bf16/fp16 operands on tensor cores
         # W (out, in) re-read per row from L1/L2 rather than held across the loop: with the dW
         # accumulator live, a loop-carried W tile pushes fp32 (tf32x3) past 255 registers
@@ -909,13 +994,18 @@ def _routing_mind_fwd(seq_emb: torch.Tensor, weight: torch.Tensor, mask: torch.T
 
 def _routing_mind_bwd(grad_v: torch.Tensor, seq_emb: torch.Tensor, weight: torch.Tensor,
                       mask: torch.Tensor, c_last: torch.Tensor, s_last: torch.Tensor,
-                      num_interests: int, seq_all: bool = False, *,
-                      programs: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fused MIND backward, iterations before the last detached.
+                      num_interests: int, seq_all: bool = False, *, detach: bool = True,
+                      init_logits: Optional[torch.Tensor] = None, iters: int = 3,
+                      seq_axis: bool = False, programs: Optional[int] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused MIND backward.
 
+    detach=True: iterations before the last detached (c_last, s_last used). detach=False:
+    through every iteration (init_logits, iters, seq_axis as the forward's; c_last / s_last
+    unused), with 2*P*T*K*(L + d) + 2*P*T*K fp32 scratch (per program, not per row).
     Returns (grad seq_emb (B, L, d) in seq_emb's dtype, grad weight (d, d) in weight's dtype).
     dW is reduced in two stages: per-program fp32 partials (P, d, d), summed here.
-    programs: P (default: B on the interpreter's 4 "SMs" scale, 2 per SM on a GPU).
+    programs: P (default 2 per SM; the interpreter reports 4 SMs).
     """
     B, L, d = seq_emb.shape
     K = num_interests
@@ -930,9 +1020,26 @@ def _routing_mind_bwd(grad_v: torch.Tensor, seq_emb: torch.Tensor, weight: torch
     mask_u8 = (mask if mask.dtype == torch.bool else mask != 0).contiguous().view(torch.uint8)
     BK, BL, BD, nw = _mind_blocks(K, L, d)
     cast, prec = _mind_flags(e)
+    T = int(iters)
+    f = dict(dtype=torch.float32, device=dev)
+    has_init = False
+    if detach:
+        init = blog = sall = mall = dall = gs = gb = dwp  # unused
+    else:
+        blog = torch.empty(P, T, K, L, **f)
+        gb = torch.empty(P, T, K, L, **f)
+        gb[:, T - 1].zero_()  # no gradient w.r.t. a logits update after the last iteration
+        sall = torch.empty(P, T, K, d, **f)
+        gs = torch.empty(P, T, K, d, **f)
+        mall = torch.empty(P, T, K, **f)
+        dall = torch.empty(P, T, K, **f)
+        has_init = init_logits is not None
+        init = init_logits.detach().float().contiguous() if has_init else blog
     _routing_mind_bwd_kernel[(P,)](
         grad_v.contiguous(), e, w, mask_u8, c_last.contiguous(), s_last.contiguous(), de, dwp,
-        B, K, L, d, SEQ_AXIS=2 if seq_all else 0, CAST_F32=cast, PREC=prec,
+        init, blog, sall, mall, dall, gs, gb,
+        B, K, L, d, ITERS=T, HAS_INIT=has_init, DETACH=bool(detach),
+        SEQ_AXIS=_seq_mode(seq_axis, seq_all), CAST_F32=cast, PREC=prec,
         BLOCK_K=BK, BLOCK_L=BL, BLOCK_D=BD, num_warps=nw,
         # no software pipelining of the row loop: its stage buffers and the registers that
         # feed them are what pushed fp32 (tf32x3) into spills on sm_90

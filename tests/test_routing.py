@@ -666,19 +666,20 @@ def test_autocast_cpu_bf16(bilinear):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("softmax_axis", ["interest", "sequence", "sequence_real"])
-def test_mind_fused_kernel(dtype, softmax_axis, monkeypatch):
+@pytest.mark.parametrize("detach", [True, False])
+def test_mind_fused_kernel(dtype, softmax_axis, detach, monkeypatch):
     if "triton" not in FUSED:
         pytest.skip("triton not available")
     from seqrec_fast.kernels import routing as kr
 
     def unfused(*a, **k):
-        raise AssertionError("the shared detached Triton path must not run the unfused kernel")
+        raise AssertionError("the shared Triton path must not run the unfused kernels")
 
     monkeypatch.setattr(kr, "_routing_fwd", unfused)
     monkeypatch.setattr(kr, "_routing_bwd", unfused)
     seq, mask, w, init, gout, K = variant_case("shared", seed=5)
     kw = dict(num_interests=K, iters=3, bilinear="shared", init_logits=init,
-              softmax_axis=softmax_axis, detach_routing=True)
+              softmax_axis=softmax_axis, detach_routing=detach)
     got = run(lambda s, ww: capsule_routing(s, mask, ww, backend="triton", **kw),
               seq.to(dtype), w.to(dtype), gout.to(dtype))
     truth = run(lambda s, ww: routing_ref(s, mask, ww, **kw), seq, w, gout)
@@ -699,10 +700,12 @@ def test_mind_fused_partial_dw_reduction():
     seq, mask, w, init, gout, K = variant_case("shared", seed=6)
     seq, w, gout = seq.float(), w.float(), gout.float()
     v, c, s = kr._routing_mind_fwd(seq, w, mask, init.float(), K, 3, False, False)
-    de1, dw1 = kr._routing_mind_bwd(gout, seq, w, mask, c, s, K, programs=1)
-    de3, dw3 = kr._routing_mind_bwd(gout, seq, w, mask, c, s, K, programs=3)
-    assert torch.equal(de1, de3)
-    assert_close(dw3, dw1, atol=1e-6, rtol=1e-6, name="dW over 3 vs 1 programs")
+    for detach in (True, False):
+        kw = dict(detach=detach, init_logits=init.float(), iters=3)
+        de1, dw1 = kr._routing_mind_bwd(gout, seq, w, mask, c, s, K, programs=1, **kw)
+        de3, dw3 = kr._routing_mind_bwd(gout, seq, w, mask, c, s, K, programs=3, **kw)
+        assert torch.equal(de1, de3)  # the per-program scratch is reused row after row
+        assert_close(dw3, dw1, atol=1e-6, rtol=1e-6, name="dW over 3 vs 1 programs")
 
 
 def test_mind_fused_opcheck():
@@ -716,7 +719,9 @@ def test_mind_fused_opcheck():
     mask = torch.rand(b, l) < 0.7
     init = torch.randn(b, k, l)
     for seq_axis, seq_all in ((False, False), (True, True)):
-        torch.library.opcheck(_routing_mind_fwd_op, (seq, w, mask, init, k, 3, seq_axis, seq_all))
+        for detach in (True, False):
+            torch.library.opcheck(_routing_mind_fwd_op,
+                                  (seq, w, mask, init, k, 3, seq_axis, seq_all, detach))
 
 
 def test_mind_fused_under_compile():

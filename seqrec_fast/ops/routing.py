@@ -6,8 +6,8 @@ where the FLOPs are and cuBLAS/MKL do it best), the routing iterations are one f
 GEMM's autograd turns the kernel's ``grad_u`` into gradients for ``seq_emb`` and ``weight``.
 Padded rows of seq_emb are zeroed before the GEMM (except for torch-rechub's "sequence"
 softmax, where they are data), so nothing there reaches u_hat or the weight gradient.
-MIND on Triton with detached routing instead runs ``seqrec_fast::routing_mind_fwd`` /
-``routing_mind_bwd``: the kernel computes u_hat = E·Wᵀ itself (tl.dot) and returns dE, dW.
+MIND on Triton instead runs ``seqrec_fast::routing_mind_fwd`` / ``routing_mind_bwd``: the
+kernels compute u_hat = E·Wᵀ themselves (tl.dot) and return dE, dW (both detach modes).
 
 u_hat layouts handed to the kernels:
   shared (MIND):         (B, L, d)     = seq_emb @ weightᵀ, identical for every interest
@@ -111,11 +111,12 @@ def _backward(ctx, grad_v, _grad_c, _grad_s):
 _routing_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# ---- MIND fused: u = seq_emb · weightᵀ inside the Triton routing kernel (detached backward)
+# ---- MIND fused: u = seq_emb · weightᵀ inside the Triton routing kernels
 @torch.library.custom_op("seqrec_fast::routing_mind_fwd", mutates_args=())
 def _routing_mind_fwd_op(seq_emb: Tensor, weight: Tensor, mask: Tensor,
                          init_logits: Optional[Tensor], num_interests: int, iters: int,
-                         seq_axis: bool, seq_all: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                         seq_axis: bool, seq_all: bool, detach: bool
+                         ) -> Tuple[Tensor, Tensor, Tensor]:
     """seq_emb (B, L, d), weight (d, d) -> v (B, K, d), c_last (B, K, L), s_last (B, K, d)
     (fp32); the Triton kernel computes u_hat itself (kernels.routing._routing_mind_fwd)."""
     from seqrec_fast.kernels import routing as k
@@ -125,7 +126,7 @@ def _routing_mind_fwd_op(seq_emb: Tensor, weight: Tensor, mask: Tensor,
 
 
 @_routing_mind_fwd_op.register_fake
-def _(seq_emb, weight, mask, init_logits, num_interests, iters, seq_axis, seq_all):
+def _(seq_emb, weight, mask, init_logits, num_interests, iters, seq_axis, seq_all, detach):
     B, L, d = seq_emb.shape
     K = num_interests
     return (seq_emb.new_empty((B, K, d)), seq_emb.new_empty((B, K, L), dtype=torch.float32),
@@ -134,44 +135,49 @@ def _(seq_emb, weight, mask, init_logits, num_interests, iters, seq_axis, seq_al
 
 @torch.library.custom_op("seqrec_fast::routing_mind_bwd", mutates_args=())
 def _routing_mind_bwd_op(grad_v: Tensor, seq_emb: Tensor, weight: Tensor, mask: Tensor,
-                         c_last: Tensor, s_last: Tensor, num_interests: int,
-                         seq_all: bool) -> Tuple[Tensor, Tensor]:
-    """-> (grad seq_emb (B, L, d), grad weight (d, d)), iterations before the last detached."""
+                         init_logits: Optional[Tensor], c_last: Tensor, s_last: Tensor,
+                         num_interests: int, iters: int, seq_axis: bool, seq_all: bool,
+                         detach: bool) -> Tuple[Tensor, Tensor]:
+    """-> (grad seq_emb (B, L, d), grad weight (d, d)); detach: through the last iteration
+    only (c_last, s_last), else through every iteration (recomputed from seq_emb, weight)."""
     from seqrec_fast.kernels import routing as k
 
     return k._routing_mind_bwd(grad_v, seq_emb, weight, mask, c_last, s_last, num_interests,
-                               seq_all)
+                               seq_all, detach=detach, init_logits=init_logits, iters=iters,
+                               seq_axis=seq_axis)
 
 
 @_routing_mind_bwd_op.register_fake
-def _(grad_v, seq_emb, weight, mask, c_last, s_last, num_interests, seq_all):
+def _(grad_v, seq_emb, weight, mask, init_logits, c_last, s_last, num_interests, iters,
+      seq_axis, seq_all, detach):
     return torch.empty_like(seq_emb), torch.empty_like(weight)
 
 
 def _mind_setup_context(ctx, inputs, output):
-    seq_emb, weight, mask, init_logits, num_interests, iters, seq_axis, seq_all = inputs
+    seq_emb, weight, mask, init_logits, num_interests, iters, seq_axis, seq_all, detach = inputs
     _, c_last, s_last = output
     ctx.mark_non_differentiable(c_last, s_last)
-    ctx.args = (num_interests, seq_all)
-    ctx.save_for_backward(seq_emb, weight, mask, c_last, s_last)
+    ctx.args = (num_interests, iters, seq_axis, seq_all, detach)
+    ctx.save_for_backward(seq_emb, weight, mask, init_logits, c_last, s_last)
 
 
 def _mind_backward(ctx, grad_v, _grad_c, _grad_s):
-    seq_emb, weight, mask, c_last, s_last = ctx.saved_tensors
-    num_interests, seq_all = ctx.args
+    seq_emb, weight, mask, init_logits, c_last, s_last = ctx.saved_tensors
+    num_interests, iters, seq_axis, seq_all, detach = ctx.args
     if grad_v is None:
-        return (None,) * 8
-    d_seq, d_weight = _routing_mind_bwd_op(grad_v, seq_emb, weight, mask, c_last, s_last,
-                                           num_interests, seq_all)
-    return (d_seq, d_weight) + (None,) * 6
+        return (None,) * 9
+    d_seq, d_weight = _routing_mind_bwd_op(grad_v, seq_emb, weight, mask, init_logits, c_last,
+                                           s_last, num_interests, iters, seq_axis, seq_all,
+                                           detach)
+    return (d_seq, d_weight) + (None,) * 7
 
 
 _routing_mind_fwd_op.register_autograd(_mind_backward, setup_context=_mind_setup_context)
 
 
-def _mind_fused(be: str, bilinear: str, detach: bool, seq_emb: Tensor) -> bool:
-    """The fused MIND kernels take this call: Triton, shared map, detached, a resident row."""
-    if be != "triton" or bilinear != "shared" or not detach:
+def _mind_fused(be: str, bilinear: str, seq_emb: Tensor) -> bool:
+    """The fused MIND kernels take this call: Triton, shared map, a register-resident row."""
+    if be != "triton" or bilinear != "shared":
         return False
     from seqrec_fast.kernels import routing as k
 
@@ -315,10 +321,11 @@ def capsule_routing(seq_emb: Tensor, mask: Tensor, weight: Tensor, *, num_intere
     K = num_interests
     mask = mask.contiguous()
     seq_axis, seq_all = softmax_axis != "interest", softmax_axis == "sequence"
-    if _mind_fused(be, bilinear, detach_routing, seq_emb):
+    if _mind_fused(be, bilinear, seq_emb):
         # u_hat never leaves the chip; the kernels ignore padded rows of seq_emb themselves
         init = None if init_logits is None else init_logits.detach().float().contiguous()
-        v, _, _ = _routing_mind_fwd_op(seq_emb, weight, mask, init, K, iters, seq_axis, seq_all)
+        v, _, _ = _routing_mind_fwd_op(seq_emb, weight, mask, init, K, iters, seq_axis, seq_all,
+                                       detach_routing)
         return v
     if softmax_axis != "sequence":
         # padding is not data: zero it before the GEMM so NaN / Inf there reach neither u_hat
