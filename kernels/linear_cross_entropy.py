@@ -25,14 +25,16 @@ one row block write partial (max, sum, acc) per split; ``_combine_partials`` (a 
 
 Backward, ``_linear_cross_entropy_bwd_kernel``, grid (column blocks, row splits): each program
 owns a tile of columns, loops over the batch rows recomputing the logits tile from the saved
-LSE, forms dL/ds = g/T·(p - (1-ε)·onehot - ε/N) and accumulates dW_tile = dsᵀ·U in fp32
-registers. Catalog columns with one row split are written once (no atomics, deterministic, no
+LSE in (columns, rows) layout (W·Uᵀ), forms dL/ds = g/T·(p - (1-ε)·onehot - ε/N) there and
+accumulates dW_tile = dL/ds·U in fp32 registers (dL/ds is the A operand as it is: no register
+transpose between the two dots). Catalog columns with one row split are written once (no atomics, deterministic, no
 fp32 (N, d) buffer for bf16 inputs). Small catalogs get row splits and candidates may repeat
 (duplicated negatives, in-batch targets) so those accumulate with fp32 atomics into an fp32
 buffer.
 
 Numerics: operands stay in the input dtype for tl.dot (tensor cores) with fp32 accumulation;
-fp32 inputs use tf32 only when ``torch.get_float32_matmul_precision() != "highest"``.
+fp32 inputs run 3xTF32 (fp32-level error) under torch's default
+``torch.get_float32_matmul_precision() == "highest"``, plain tf32 when the user allows it.
 Under the interpreter (``TRITON_INTERPRET=1``) bf16/fp16 tiles are cast to fp32 before tl.dot
 (``CAST_F32``) because the interpreter's bf16 dot is wrong. fp16 backward products use fp32
 operands (tf32) for dL/ds so that small gradients do not underflow fp16.
@@ -99,10 +101,16 @@ def _kept(valid, cand_ids, tgt, cols, rows, EXCLUDE_HITS: tl.constexpr,
 @triton.jit
 def _online_lse_step(m, l, z2):
     """One tile of a base-2 online log-sum-exp over axis 1 of z2 (rows, columns): -> the new
-    running max, the rescale factor of the old partials, exp2(z2 - max), the new sum."""
+    running max, the rescale factor of the old partials, exp2(z2 - max), the new sum.
+
+    The running max starts at -inf (a finite sentinel would be a real logit at tiny
+    temperatures). A non-finite max is not subtracted: rows with nothing kept yet stay at
+    l = 0, and a +inf logit (a logQ of -inf) makes the sum, hence the lse, +inf, as in the
+    eager reference."""
     m_new = tl.maximum(m, tl.max(z2, axis=1))
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(z2 - m_new[:, None])
+    m_sub = tl.where((m_new == float("-inf")) | (m_new == float("inf")), 0.0, m_new)
+    alpha = tl.exp2(m - m_sub)
+    p = tl.exp2(z2 - m_sub[:, None])
     return m_new, alpha, p, l * alpha + tl.sum(p, axis=1)
 
 
@@ -140,7 +148,7 @@ def _linear_cross_entropy_fwd_kernel(
     dmask = offs_d < D
     u = _load_rows(U, rows, stride_ub, offs_d, rmask, dmask, CAST_F32)
     tgt = _row_targets(TGT, rows, rmask, EXCLUDE_HITS)
-    m = tl.full([BLOCK_B], -1.0e30, tl.float32)  # finite "-inf": exp2 of differences stays 0/1
+    m = tl.full([BLOCK_B], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_B], tl.float32)
     sz = tl.zeros([BLOCK_B], tl.float32)
     acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
@@ -235,30 +243,38 @@ def _linear_cross_entropy_bwd_kernel(
         u = _load_rows(U, rows, stride_ub, offs_d, rmask, dmask, CAST_F32)
         g = tl.load(G + rows, mask=rmask, other=0.0) * scale        # dL/ds factor per row
         lse2 = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
-        s = tl.dot(u, tl.trans(w), input_precision=PREC)
+        # transposed orientation, (columns, rows): the logits tile is w·uᵀ and its dL/ds is
+        # directly the A operand of dW += dL/ds·u (no register transpose between the dots)
+        s = tl.dot(w, tl.trans(u), input_precision=PREC)             # (BLOCK_N, BLOCK_B)
         if HAS_BIAS:
-            s += bias[None, :]
+            s += bias[:, None]
         z2 = s * scale2
         if HAS_OFF:
-            z2 -= off2[None, :]
-        valid = cmask[None, :] & rmask[:, None]
+            z2 -= off2[:, None]
+        valid = cmask[:, None] & rmask[None, :]
         if EXCLUDE_HITS or ONEHOT:
             tgt = tl.load(TGT + rows, mask=rmask, other=-1)
         else:
             tgt = rows  # unused
-        valid = _kept(valid, wid[None, :], tgt, cols, rows, EXCLUDE_HITS, EXCLUDE_DIAG)
-        dz = tl.where(valid, tl.exp2(z2 - lse2[:, None]), 0.0)
+        if EXCLUDE_HITS:
+            valid = valid & (wid[:, None] != tgt[None, :])
+        if EXCLUDE_DIAG:
+            valid = valid & (cols[:, None] != rows[None, :])
+        p = tl.exp2(z2 - lse2[None, :])
+        # a probability is at most 1: at tiny temperatures the recomputed logit and the saved
+        # lse differ by rounding amplified by 1/T (NaN, from a +inf logit, stays NaN)
+        dz = tl.where(valid, tl.where(p > 1.0, 1.0, p), 0.0)
         if ONEHOT:
-            dz -= tl.where(cols[None, :] == tgt[:, None], keep_target, 0.0)
+            dz -= tl.where(cols[:, None] == tgt[None, :], keep_target, 0.0)
         if SMOOTH:
             dz -= tl.where(valid, smooth_coef, 0.0)
-        dz = dz * g[:, None]
+        dz = dz * g[None, :]
         if NEED_DBIAS:
-            db += tl.sum(dz, axis=0)
+            db += tl.sum(dz, axis=1)
         if DZ_F32:
-            dw += tl.dot(tl.trans(dz), u.to(tl.float32), input_precision=PREC)
+            dw += tl.dot(dz, u.to(tl.float32), input_precision=PREC)
         else:
-            dw += tl.dot(tl.trans(dz.to(u.dtype)), u, input_precision=PREC)
+            dw += tl.dot(dz.to(u.dtype), u, input_precision=PREC)
     wmask = cmask[:, None] & dmask[None, :]
     dptr = DW + wid[:, None] * stride_dw + offs_d[None, :]
     if ATOMIC:
@@ -281,17 +297,27 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"  # bf16/fp16 operand dots ignore it; fp16 backward dL/ds dots run in tf32
 
 
-# GPU tile sizes (untuned heuristics; shared memory stays under ~100 KB so that sm_80 fits
-# too): bytes of one item row = BLOCK_D · element size decides the column tile and pipelining.
-def _fwd_config(B: int, d: int, device, elem: int = 2):
+# GPU tile sizes, checked on sm_90 with bench/sm90_report.py (no spill, shared memory well
+# under 227 KB at the headline shapes, every dot a wgmma) and kept under ~100 KB of shared
+# memory so that sm_80 fits too. The bytes of one item row (BLOCK_D · element size) decide the
+# column tile and the pipelining. fp32 dots run as 3xTF32 (``fp32_dot_precision``), which
+# splits each operand into hi/lo tf32 parts in registers: fp32 gets narrower tiles than
+# bf16/fp16. Gathered columns (``indexed``: sampled candidates) hold more per-tile state (ids,
+# logQ, hit masks): their forward column tile is at most 64 in half precision.
+def _fwd_config(B: int, d: int, device, elem: int = 2, indexed: bool = False):
     bd = pow2(d, 16)
     if not gpu_tuned(device):
         return dict(BLOCK_B=pow2(B, 16, 64), BLOCK_N=32, BLOCK_D=bd), {}
     row = bd * elem
     block_b = pow2(B, 16, 128 if row <= 256 else 64)
-    block_n = 128 if row <= 128 else (64 if row <= 512 else 32)
-    warps = 8 if block_b * block_n >= 128 * 64 else 4
-    stages = 3 if row <= 256 else 2
+    if elem >= 4:
+        block_n = 32 if row <= 256 else 16
+    else:
+        block_n = 128 if row <= 128 else (64 if row <= 512 else 32)
+        if indexed:
+            block_n = min(block_n, 64)
+    warps = 8 if block_b * block_n >= 128 * 32 else 4
+    stages = 3 if row <= 256 else (1 if elem >= 4 else 2)
     return dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=bd), dict(num_warps=warps,
                                                                      num_stages=stages)
 
@@ -301,6 +327,9 @@ def _bwd_config(d: int, device, elem: int = 2):
     if not gpu_tuned(device):
         return dict(BLOCK_B=32, BLOCK_N=32, BLOCK_D=bd), {}
     row = bd * elem
+    if elem >= 4:  # BLOCK_N = 64: both dots keep M = 64 (wgmma) in the (columns, rows) layout
+        return dict(BLOCK_B=32 if row <= 256 else 16, BLOCK_N=64, BLOCK_D=bd), dict(
+            num_warps=4, num_stages=2 if row <= 256 else 1)
     block_n = 128 if row <= 128 else (64 if row <= 512 else 32)
     block_b = 64 if row <= 512 else 32
     return dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=bd), dict(
@@ -320,7 +349,7 @@ def _columns_fwd(user, items, ids, bias, off, tgt, *, C, temperature, exclude_hi
                  exclude_diag, smooth, compute_acc, splits: Optional[int], parts: list):
     """Launch the column kernel; appends (m2, l, sz, acc) partials (P, B[, d]) to ``parts``."""
     B, d = user.shape
-    cfg, opts = _fwd_config(B, d, user.device, user.element_size())
+    cfg, opts = _fwd_config(B, d, user.device, user.element_size(), ids is not None)
     n_tiles = triton.cdiv(C, cfg["BLOCK_N"])
     b_blocks = triton.cdiv(B, cfg["BLOCK_B"])
     if splits is None:
@@ -377,7 +406,8 @@ def _combine_partials(parts: Sequence, extra=None):
     m = torch.cat(ms, 0)
     l = torch.cat(ls, 0)
     mx = m.max(0).values
-    sc = torch.exp2(m - mx)
+    # a non-finite max is not subtracted (see _online_lse_step): +inf stays +inf
+    sc = torch.exp2(m - torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)))
     total = (l * sc).sum(0)
     lse = (mx + torch.log2(total)) * LN2
     softmax_item_mean = None

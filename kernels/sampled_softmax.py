@@ -65,7 +65,7 @@ def _sampled_softmax_row_negatives_fwd_kernel(
     dmask = offs_d < D
     u = _load_rows(U, rows, stride_ub, offs_d, rmask, dmask, True)
     tgt = _row_targets(TGT, rows, rmask, EXCLUDE_HITS)
-    m = tl.full([BLOCK_B], -1.0e30, tl.float32)  # finite "-inf": exp2 of differences stays 0/1
+    m = tl.full([BLOCK_B], float("-inf"), tl.float32)  # see _online_lse_step
     l = tl.zeros([BLOCK_B], tl.float32)
     acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
     for s0 in range(0, S, BLOCK_S):
@@ -107,7 +107,8 @@ def _sampled_softmax_row_negatives_bwd_kernel(
                                                         offs_d, dmask, stride_wn, stride_neg,
                                                         stride_lq, scale2, HAS_LOGQ)
         keep = _kept(valid, ids, tgt, ss, rows, EXCLUDE_HITS, False)
-        dz = tl.where(keep, tl.exp2(z2 - lse2[:, None]), 0.0) * g[:, None]
+        p = tl.exp2(z2 - lse2[:, None])
+        dz = tl.where(keep, tl.where(p > 1.0, 1.0, p), 0.0) * g[:, None]  # p <= 1 (see cols)
         tl.atomic_add(DW + ids[:, :, None] * stride_dw + offs_d[None, None, :],
                       dz[:, :, None] * u[:, None, :], mask=wmask)
 
@@ -237,10 +238,12 @@ def _sampled_softmax_bwd(grad_rows, user, items, target, negatives, log_q, targe
         if negatives.dim() == 2 and negatives.shape[1] > 0:
             _row_negatives_bwd(user, items, negatives, log_q, target, lse, g, temperature,
                                remove_hits, dw)
-        # the positive: dL/dw_t = -g/T·(1 - p_pos)·u, p_pos = exp(z_pos - lse)
-        toff = target_log_q.float() if target_log_q is not None else 0.0
-        zpos = (user.float() * wpos).sum(1) * scale - toff
-        coef = (torch.exp(zpos - lse) - 1.0) * g * scale
+        # the positive: dL/dw_t = -g/T·(1 - p_pos)·u, p_pos = exp(z_pos - lse), z_pos from the
+        # forward's own kernel (the same bits: at tiny temperatures any other rounding of it
+        # is amplified by 1/T), p_pos <= 1 (NaN stays NaN)
+        toff = target_log_q.float().contiguous() if target_log_q is not None else None
+        zpos = _target_logits(user, items, target, None, toff, temperature, -(2 ** 62))
+        coef = (torch.exp(zpos - lse).clamp(max=1.0) - 1.0) * g * scale
         dw.index_add_(0, target, coef[:, None] * user.float())
         d_items = dw if items.dtype == torch.float32 else dw.to(items.dtype)
     return d_user, d_items
