@@ -15,7 +15,10 @@ builds the logits). float64 on CUDA runs eager.
 
 NaN policy: no data checks on floats (they would synchronise). A NaN/Inf in a user row makes
 that row's loss and gradient NaN; a NaN in an item row reaches every row (every row's partition
-sum contains it). Id checks (range of ``target``): a ValueError on CPU (one host read), the
+sum contains it). Extreme temperatures (e.g. 1e-30: logits of ±1e30) give finite losses and
+gradients on every backend (probabilities are clamped to <= 1 where 1/T amplifies rounding);
+where the softmax itself is decided by that rounding, backends may pick different ties.
+Id checks (range of ``target``): a ValueError on CPU (one host read), the
 same under ``torch.compile`` (through the opaque op ``seqrec_fast::check_id_range``); on CUDA a
 device-side assert without host sync.
 

@@ -11,7 +11,12 @@ epilogue. Never a (B, S, d) tensor.
 
 Backends: ``triton`` (``seqrec_fast.kernels.sampled_softmax``), ``cpp``
 (``csrc/sampled_softmax``: chunked over the candidates, float64 capable), ``eager``
-(``sampled_softmax_ref``). float64 on CUDA runs eager. Id checks (range of ``target`` /
+(``sampled_softmax_ref``). float64 on CUDA runs eager.
+
+Non-finite inputs, the same on every backend: a ``log_q`` of -inf (probability 0) makes that
+candidate's corrected logit +inf, so the loss of every row that sees it is +inf and the
+gradients of those rows are NaN (inf - inf), as in the eager formula. Extreme temperatures
+(1e-30) give finite losses and gradients (probabilities clamped to <= 1). Id checks (range of ``target`` /
 ``negatives``): ValueError on CPU, compiled or not (``seqrec_fast::check_id_range``); on CUDA
 a device-side assert without host sync.
 
