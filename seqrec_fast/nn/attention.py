@@ -7,7 +7,6 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks
-from ..ops._common import compiling, deferred_error
 from ..ops.attention import multi_interest_attention
 
 
@@ -67,17 +66,10 @@ class MultiInterestAttention(nn.Module):
     def forward(self, seq_emb: Tensor, mask: Tensor, return_attention: bool = False):
         pos = self.pos_emb
         if pos is not None:
-            try:
-                _checks.tensor("seq_emb", seq_emb, ndim=3)
-                L = seq_emb.shape[1]
-                if L > self.seq_len:
-                    raise ValueError(f"seq_emb has {L} positions, more than "
-                                     f"seq_len={self.seq_len}")
-            except (TypeError, ValueError) as err:
-                if not compiling():
-                    raise
-                # the same error when the compiled graph runs (see ops._common.deferred_error)
-                return deferred_error(err, seq_emb, pair=return_attention is True)
+            _checks.tensor("seq_emb", seq_emb, ndim=3)
+            L = seq_emb.shape[1]
+            if L > self.seq_len:
+                raise ValueError(f"seq_emb has {L} positions, more than seq_len={self.seq_len}")
             pos = pos[:L]
         return multi_interest_attention(seq_emb, mask, self.w1, self.b1, self.w2, self.b2,
                                         pos_emb=pos, return_attention=return_attention,
