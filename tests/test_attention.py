@@ -603,8 +603,11 @@ class TestModule:
         want = multi_interest_attention(short, torch.tensor([5, 3]), layer.w1, None, layer.w2,
                                         None, pos_emb=layer.pos_emb[:5], backend="eager")
         assert_close(layer(short, torch.tensor([5, 3])), want, atol=1e-6, name="short")
-        with pytest.raises(ValueError, match="seq_len"):
+        with pytest.raises(ValueError, match="pos_emb"):
             layer(torch.randn(2, 7, 8), torch.tensor([5, 3]))
+        compiled = torch.compile(layer, fullgraph=True)            # the same error compiled
+        with pytest.raises(ValueError, match="pos_emb"):
+            compiled(torch.randn(2, 7, 8), torch.tensor([5, 3]))
 
     def test_matches_functional(self):
         layer = MultiInterestAttention(8, 3, seq_len=5).double()

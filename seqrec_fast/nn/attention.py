@@ -20,7 +20,8 @@ class MultiInterestAttention(nn.Module):
       hidden_dim: d_a of the tanh layer; default 4·dim as in ComiRec.
       seq_len: when given, a learned position embedding (seq_len, dim) is added to the keys
         (ComiRec's ``add_pos``); inputs may then have up to ``seq_len`` positions (L positions
-        take the table's first L rows).
+        take the table's first L rows; more positions raise the op's ValueError on
+        ``pos_emb``'s shape, under torch.compile too).
       bias: learn b1 and b2 (ComiRec's dense layers do).
       backend: as ``seqrec_fast.ops.multi_interest_attention``.
     Init as ComiRec's TF dense layers: Glorot-uniform w1, w2 and position table, zero biases.
@@ -65,12 +66,11 @@ class MultiInterestAttention(nn.Module):
 
     def forward(self, seq_emb: Tensor, mask: Tensor, return_attention: bool = False):
         pos = self.pos_emb
-        if pos is not None:
-            _checks.tensor("seq_emb", seq_emb, ndim=3)
-            L = seq_emb.shape[1]
-            if L > self.seq_len:
-                raise ValueError(f"seq_emb has {L} positions, more than seq_len={self.seq_len}")
-            pos = pos[:L]
+        if pos is not None and isinstance(seq_emb, Tensor) and seq_emb.dim() == 3 \
+                and seq_emb.shape[1] <= self.seq_len:
+            pos = pos[:seq_emb.shape[1]]
+        # a longer history keeps the whole (seq_len, d) table: the op then raises its pos_emb
+        # shape ValueError, compiled (torch.compile, fullgraph) or not alike
         return multi_interest_attention(seq_emb, mask, self.w1, self.b1, self.w2, self.b2,
                                         pos_emb=pos, return_attention=return_attention,
                                         backend=self.backend)
