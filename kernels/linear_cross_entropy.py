@@ -212,6 +212,7 @@ def _target_logit_kernel(
 @triton.jit
 def _linear_cross_entropy_bwd_kernel(
     U, W, IDS, BIAS, OFF, TGT, LSE, G,     # inputs (LSE natural log, G = dloss_b, fp32)
+    SLOT,                                  # HAS_SLOT: output row of each column (else its id)
     DW, DBIAS,                             # outputs: (N, D) / (N,), fp32 buffers when ATOMIC
     B, C, D, rows_per_split,
     stride_ub, stride_wn, stride_dw,
@@ -219,6 +220,7 @@ def _linear_cross_entropy_bwd_kernel(
     INDEXED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OFF: tl.constexpr,
     EXCLUDE_HITS: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, ONEHOT: tl.constexpr,
     SMOOTH: tl.constexpr, NEED_DBIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    HAS_SLOT: tl.constexpr,
     CAST_F32: tl.constexpr, DZ_F32: tl.constexpr, PREC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -276,7 +278,11 @@ def _linear_cross_entropy_bwd_kernel(
         else:
             dw += tl.dot(dz.to(u.dtype), u, input_precision=PREC)
     wmask = cmask[:, None] & dmask[None, :]
-    dptr = DW + wid[:, None] * stride_dw + offs_d[None, :]
+    if HAS_SLOT:
+        orow = tl.load(SLOT + cols, mask=cmask, other=0)
+    else:
+        orow = wid
+    dptr = DW + orow[:, None] * stride_dw + offs_d[None, :]
     if ATOMIC:
         tl.atomic_add(dptr, dw, mask=wmask)
         if NEED_DBIAS:
@@ -483,9 +489,10 @@ def _linear_cross_entropy_bwd(grad_rows, user, items, target, bias, lse, softmax
 
 def _columns_bwd(user, items, ids, bias, off, tgt, lse, g, *, C, N, temperature, exclude_hits,
                  exclude_diag, onehot, keep_target, smooth_coef, need_bias, b_splits,
-                 force_atomic, out=None):
-    """Item (and bias) gradients of the column softmax. ``out``: fp32 (N, d) buffer to
-    accumulate into atomically (then returned as is)."""
+                 force_atomic, out=None, slot=None):
+    """Item (and bias) gradients of the column softmax. ``out``: fp32 (rows, d) buffer to
+    accumulate into atomically (then returned as is); ``slot`` (C,) int64: the row of ``out``
+    each column adds into (default: its item id)."""
     B, d = user.shape
     cfg, opts = _bwd_config(d, user.device, user.element_size())
     n_blocks = triton.cdiv(C, cfg["BLOCK_N"])
@@ -509,13 +516,14 @@ def _columns_bwd(user, items, ids, bias, off, tgt, lse, g, *, C, N, temperature,
     _linear_cross_entropy_bwd_kernel[(n_blocks, b_splits)](
         user, items, ids if ids is not None else dummy, bias if bias is not None else dummy,
         off if off is not None else dummy, tgt if tgt is not None else dummy, lse, g,
-        dw, db,
+        slot if slot is not None else dummy, dw, db,
         B, C, d, rows_per,
         user.stride(0), items.stride(0), dw.stride(0),
         1.0 / temperature, LOG2E / temperature, keep_target, smooth_coef,
         INDEXED=ids is not None, HAS_BIAS=bias is not None, HAS_OFF=off is not None,
         EXCLUDE_HITS=exclude_hits, EXCLUDE_DIAG=exclude_diag, ONEHOT=onehot,
-        SMOOTH=smooth_coef > 0, NEED_DBIAS=need_bias, ATOMIC=atomic, CAST_F32=cast,
+        SMOOTH=smooth_coef > 0, NEED_DBIAS=need_bias, ATOMIC=atomic,
+        HAS_SLOT=slot is not None, CAST_F32=cast,
         DZ_F32=dz_f32, PREC=prec, **cfg, **opts)
     if out is not None:
         return dw, None

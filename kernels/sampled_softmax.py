@@ -10,7 +10,9 @@ negatives and in-batch targets are gathered columns, ``INDEXED=True``) plus
 Per-row negatives (B, S) are a batched gather-dot rather than a GEMM: the row-negatives kernels
 handle them with 3-D (rows, samples, d) tiles and scatter item gradients with fp32 atomics
 (never a (B, S, d) tensor). The positive is one more column per row, merged by
-``_combine_partials``; its item gradient is a (B, d) index_add.
+``_combine_partials``; its item gradient is a (B, d) index_add. The backward accumulates item
+gradients per distinct candidate id in a compact fp32 (U, d) table (U <= candidates), cast
+once and scattered into the dense (N, d) gradient: no fp32 (N, d) buffer.
 """
 from __future__ import annotations
 
@@ -84,14 +86,15 @@ def _sampled_softmax_row_negatives_fwd_kernel(
 
 @triton.jit
 def _sampled_softmax_row_negatives_bwd_kernel(
-    U, W, NEG, LOGQ, TGT, LSE, G, DW,
+    U, W, NEG, LOGQ, TGT, LSE, G, SLOT, DW,
     B, S, D,
     stride_ub, stride_wn, stride_neg, stride_lq, stride_dw,
     scale, scale2,
     HAS_LOGQ: tl.constexpr, EXCLUDE_HITS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Item gradients of per-row negatives, scattered with fp32 atomics into DW (N, D) fp32."""
+    """Item gradients of per-row negatives, scattered with fp32 atomics into DW (U, D) fp32 at
+    row SLOT[b, s] (SLOT: (B, S) contiguous, the compact row of item NEG[b, s])."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
@@ -109,7 +112,8 @@ def _sampled_softmax_row_negatives_bwd_kernel(
         keep = _kept(valid, ids, tgt, ss, rows, EXCLUDE_HITS, False)
         p = tl.exp2(z2 - lse2[:, None])
         dz = tl.where(keep, tl.where(p > 1.0, 1.0, p), 0.0) * g[:, None]  # p <= 1 (see cols)
-        tl.atomic_add(DW + ids[:, :, None] * stride_dw + offs_d[None, None, :],
+        orow = tl.load(SLOT + rows[:, None] * S + ss[None, :], mask=valid, other=0)
+        tl.atomic_add(DW + orow[:, :, None] * stride_dw + offs_d[None, None, :],
                       dz[:, :, None] * u[:, None, :], mask=wmask)
 
 
@@ -169,16 +173,17 @@ def _row_negatives_fwd(user, items, negatives, log_q, target, temperature, remov
 
 
 def _row_negatives_bwd(user, items, negatives, log_q, target, lse, g, temperature, remove_hits,
-                       dw):
-    """Item gradients of the per-row negatives (B, S), atomically added into ``dw`` (N, d)
-    fp32."""
+                       dw, slot):
+    """Item gradients of the per-row negatives (B, S), atomically added into ``dw`` (U, d)
+    fp32 at rows ``slot`` (B, S)."""
     B, d = user.shape
     S = negatives.shape[1]
     cfg, opts = _row_negatives_config(d, S, user.device)
     negatives = contiguous_rows(negatives)
     lq = contiguous_rows(log_q) if log_q is not None else None
     _sampled_softmax_row_negatives_bwd_kernel[(triton.cdiv(B, cfg["BLOCK_B"]),)](
-        user, items, negatives, lq if lq is not None else lse, target, lse, g, dw,
+        user, items, negatives, lq if lq is not None else lse, target, lse, g,
+        slot.contiguous(), dw,
         B, S, d, user.stride(0), items.stride(0), negatives.stride(0),
         lq.stride(0) if lq is not None else 0, dw.stride(0),
         1.0 / temperature, LOG2E / temperature,
@@ -227,23 +232,44 @@ def _sampled_softmax_bwd(grad_rows, user, items, target, negatives, log_q, targe
         d_user = ((softmax_item_mean - wpos) * (g * scale)[:, None]).to(user.dtype)
     d_items = items.new_empty((0, d))
     if need_items:
-        dw = torch.zeros(N, d, device=user.device, dtype=torch.float32)
         col_ids, col_off = _sampled_columns(target, negatives, log_q, target_log_q, in_batch)
+        per_row = negatives.dim() == 2 and negatives.shape[1] > 0
+        # Only the candidate rows are touched: every candidate (shared column, per-row
+        # negative, positive) adds into an fp32 row of a compact (U, d) table, one row per
+        # distinct item id, found by a sort (no host sync); the table is cast once and
+        # scattered into the dense (N, d) gradient in the items' dtype. No fp32 (N, d).
+        parts = ([col_ids] if col_ids is not None else []) + \
+            ([negatives.reshape(-1)] if per_row else []) + [target]
+        cand = torch.cat(parts) if len(parts) > 1 else parts[0]
+        sorted_ids, perm = torch.sort(cand)
+        first = torch.ones_like(sorted_ids, dtype=torch.bool)
+        first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+        rank = torch.cumsum(first, 0) - 1                     # compact row of sorted entry k
+        slot = torch.empty_like(rank)
+        slot[perm] = rank                                     # compact row of candidate k
+        table = torch.zeros(min(cand.shape[0], N), d, device=user.device, dtype=torch.float32)
+        k0 = 0
         if col_ids is not None:
+            C = col_ids.shape[0]
             _columns_bwd(user, items, col_ids, None, col_off, target, lse, g,
-                         C=col_ids.shape[0], N=N, temperature=temperature,
+                         C=C, N=N, temperature=temperature,
                          exclude_hits=remove_hits, exclude_diag=in_batch, onehot=False,
                          keep_target=0.0, smooth_coef=0.0, need_bias=False, b_splits=None,
-                         force_atomic=True, out=dw)
-        if negatives.dim() == 2 and negatives.shape[1] > 0:
+                         force_atomic=True, out=table, slot=slot[:C])
+            k0 = C
+        if per_row:
+            n_neg = negatives.numel()
             _row_negatives_bwd(user, items, negatives, log_q, target, lse, g, temperature,
-                               remove_hits, dw)
+                               remove_hits, table, slot[k0:k0 + n_neg].view(negatives.shape))
+            k0 += n_neg
         # the positive: dL/dw_t = -g/T·(1 - p_pos)·u, p_pos = exp(z_pos - lse), z_pos from the
         # forward's own kernel (the same bits: at tiny temperatures any other rounding of it
         # is amplified by 1/T), p_pos <= 1 (NaN stays NaN)
         toff = target_log_q.float().contiguous() if target_log_q is not None else None
         zpos = _target_logits(user, items, target, None, toff, temperature, -(2 ** 62))
         coef = (torch.exp(zpos - lse).clamp(max=1.0) - 1.0) * g * scale
-        dw.index_add_(0, target, coef[:, None] * user.float())
-        d_items = dw if items.dtype == torch.float32 else dw.to(items.dtype)
+        table.index_add_(0, slot[k0:], coef[:, None] * user.float())
+        d_items = torch.zeros(N, d, device=user.device, dtype=items.dtype)
+        # duplicated ids write the same (cast-once) row: no accumulation, any order
+        d_items[sorted_ids] = table.to(items.dtype)[rank]
     return d_user, d_items
