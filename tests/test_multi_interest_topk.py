@@ -181,6 +181,13 @@ def test_nan_items_never_returned(backend):
     q = torch.ones(1, 2, 4)
     s, i = multi_interest_topk(q, it, 4, backend=backend)
     assert i.tolist() == [[0, 2, 3, -1]]
+    # a NaN in one interest makes every score of that interest NaN: the max propagates it
+    # (as torch.amax does) unless the interest is masked
+    q = torch.ones(2, 3, 4)
+    q[:, 1, 2] = float("nan")
+    mask = torch.tensor([[True, True, True], [True, False, True]])
+    s, i = multi_interest_topk(q, torch.eye(4), 2, interest_mask=mask, backend=backend)
+    assert i.tolist() == [[-1, -1], [0, 1]]
 
 
 @pytest.mark.parametrize("backend", [b for b in ALL if b != "triton"])

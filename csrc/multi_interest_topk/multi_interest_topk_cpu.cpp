@@ -6,10 +6,11 @@
 //
 // Users are cut into blocks of kUsersPerBlock; at::parallel_for hands blocks to threads. A
 // block walks the catalog in tiles of kItemsPerTile items: one single-threaded ATen GEMM gives
-// the (block·K, tile) scores (a few hundred KiB, cache resident), the max over each user's
-// unmasked interests is taken row by row, excluded ids of the tile are set to -inf, and every
-// item scoring strictly above the user's running threshold goes into the user's candidate
-// buffer. A full buffer (2·n + 64 entries) is cut back to its n best (nth_element by
+// the (block·K, tile) scores (a few hundred KiB, cache resident). Per user and chunk of kChunk
+// items, a vectorised pass takes the max over the user's unmasked interests and tests it
+// against the user's running threshold; only chunks with a candidate get a scalar pass, which
+// sets the user's excluded ids to -inf and puts every item scoring strictly above the
+// threshold into the user's candidate buffer. A full buffer (2·n + 64 entries) is cut back to its n best (nth_element by
 // (score desc, id asc)) and the threshold becomes the n-th best score. Items arrive in
 // increasing id order, so an item tying with the threshold has a larger id than the n items
 // already at or above it and can never enter: the strict comparison keeps the smaller-id tie
@@ -34,6 +35,44 @@ namespace {
 
 constexpr int64_t kUsersPerBlock = 32;
 constexpr int64_t kItemsPerTile = 512;
+constexpr int64_t kChunk = 64;  // items scanned together: max over interests, then one test
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define SEQREC_FAST_TOPK_CLONES \
+  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define SEQREC_FAST_TOPK_CLONES
+#endif
+
+// m[j] = max over the nk rows of rows[i][c0 + j] (j < len), NaN propagating as torch.amax does.
+// Returns whether any m[j] > thr or is NaN, i.e. whether the chunk needs a closer look.
+// The plain loops vectorise; a NaN (rare) sends the chunk through a scalar NaN-aware pass.
+SEQREC_FAST_TOPK_CLONES bool chunk_max(const float* const* rows, int64_t nk, int64_t c0,
+                                       int64_t len, float thr, float* m) {
+  if (nk == 0) return false;
+  const float* r0 = rows[0] + c0;
+  int nan = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    m[j] = r0[j];
+    nan |= r0[j] != r0[j];
+  }
+  for (int64_t i = 1; i < nk; ++i) {
+    const float* ri = rows[i] + c0;
+    for (int64_t j = 0; j < len; ++j) {
+      m[j] = ri[j] > m[j] ? ri[j] : m[j];
+      nan |= ri[j] != ri[j];
+    }
+  }
+  if (nan) {
+    for (int64_t j = 0; j < len; ++j)
+      for (int64_t i = 0; i < nk; ++i)
+        if (rows[i][c0 + j] != rows[i][c0 + j]) m[j] = rows[i][c0 + j];
+    return true;
+  }
+  int any = 0;
+  for (int64_t j = 0; j < len; ++j) any |= m[j] > thr;
+  return any != 0;
+}
 
 struct Cand {
   float score;
@@ -127,7 +166,8 @@ std::vector<at::Tensor> multi_interest_topk_fwd_cpu(
   at::parallel_for(0, nblocks, 1, [&](int64_t b_begin, int64_t b_end) {
     at::NoGradGuard no_grad;
     at::Tensor S = at::empty({kUsersPerBlock * K * tile}, Q.options());
-    std::vector<float> best(tile);
+    std::vector<float> best(kChunk);
+    std::vector<const float*> rows(K);
     std::vector<Running> run(kUsersPerBlock);
     std::vector<char> active(kUsersPerBlock);
     for (int64_t blk = b_begin; blk < b_end; ++blk) {
@@ -151,31 +191,26 @@ std::vector<at::Tensor> multi_interest_topk_fwd_cpu(
         for (int64_t r = 0; r < nu; ++r) {
           if (!active[r]) continue;
           const int64_t u = u0 + r;
-          float* m = best.data();
-          bool first = true;
-          for (int64_t k = 0; k < K; ++k) {
-            if (mp && !mp[u * K + k]) continue;
-            const float* row = s + (r * K + k) * nt;
-            if (first) {
-              std::copy(row, row + nt, m);
-              first = false;
-            } else {
-              // NaN propagates (as torch.amax does): such an item is never returned
-              for (int64_t j = 0; j < nt; ++j)
-                m[j] = (row[j] > m[j] || row[j] != row[j]) ? row[j] : m[j];
-            }
-          }
-          if (ep) {
-            const int64_t* ex = ep + u * E;
-            for (int64_t e = 0; e < E; ++e) {
-              const int64_t id = ex[e];
-              if (id >= j0 && id < j0 + nt) m[id - j0] = kNegInf;
-            }
-          }
+          // user's unmasked interest rows of the tile
+          int64_t nk = 0;
+          for (int64_t k = 0; k < K; ++k)
+            if (!mp || mp[u * K + k]) rows[nk++] = s + (r * K + k) * nt;
+          const int64_t* ex = ep ? ep + u * E : nullptr;
           Running& R = run[r];
-          for (int64_t j = 0; j < nt; ++j) {
+          for (int64_t c0 = 0; c0 < nt; c0 += kChunk) {
+            const int64_t len = std::min(kChunk, nt - c0);
+            // max over the rows and "any > thr / any NaN" flags, vectorised
+            if (!chunk_max(rows.data(), nk, c0, len, R.thr, best.data())) continue;
+            float* m = best.data();
+            if (ex) {
+              for (int64_t e = 0; e < E; ++e) {
+                const int64_t id = ex[e] - j0 - c0;
+                if (id >= 0 && id < len) m[id] = kNegInf;
+              }
+            }
             // "> thr" is false for NaN and -inf: never inserted
-            if (m[j] > R.thr) R.push(m[j], j0 + j, n);
+            for (int64_t j = 0; j < len; ++j)
+              if (m[j] > R.thr) R.push(m[j], j0 + c0 + j, n);
           }
         }
       }
