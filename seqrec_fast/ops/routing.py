@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import _checks, _ext
 from .. import backend as _backend
 from ..reference.routing import SOFTMAX_AXES, routing_ref
-from ._common import FLOATS, acc_dtype, compiling
+from ._common import FLOATS, acc_dtype
 
 OP = "routing"
 
@@ -189,16 +189,27 @@ def _lengths_message(lengths: Tensor, seq_len: int) -> str:
             f"[{int(lengths.min())}, {int(lengths.max())}]")
 
 
+def _check_lengths(lengths: Tensor, seq_len: int) -> None:
+    """Every length in [0, seq_len]. Not CUDA: one host read, a ValueError. CUDA: no host sync,
+    a device-side ``torch._assert_async`` (as the catalog losses' id checks): a bad length
+    surfaces as a CUDA device-side assert at the next synchronising call, naming the mask."""
+    if lengths.numel() == 0:
+        return
+    bad = (lengths < 0) | (lengths > seq_len)
+    if lengths.device.type == "cuda":
+        torch._assert_async(torch.logical_not(bad.any()),
+                            f"mask lengths must lie in [0, {seq_len}]")
+        return
+    if bool(bad.any()):
+        raise ValueError(_lengths_message(lengths, seq_len))
+
+
 @torch.library.custom_op("seqrec_fast::routing_lengths_mask", mutates_args=())
 def _lengths_mask_op(lengths: Tensor, seq_len: int) -> Tensor:
-    """lengths (B,) int -> mask (B, seq_len) bool, True at the first ``length`` positions.
-
-    Raises ValueError for a length outside [0, seq_len]. An opaque op, so the check also runs
-    inside a torch.compile'd graph (where Python-side checks of tensor values are traced
-    away); it costs one host sync (a bool read back), as the eager check does.
-    """
-    if lengths.numel() and bool(((lengths < 0) | (lengths > seq_len)).any()):
-        raise ValueError(_lengths_message(lengths, seq_len))
+    """lengths (B,) int -> mask (B, seq_len) bool, True at the first ``length`` positions,
+    after ``_check_lengths``. An opaque op, so eager and torch.compile'd code (where
+    Python-side checks of tensor values are traced away) run the same check."""
+    _check_lengths(lengths, seq_len)
     return torch.arange(seq_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
@@ -229,11 +240,17 @@ def _validate(seq_emb, mask, weight, num_interests, iters, bilinear, init_logits
         what = "(dim, dim)" if bilinear == "shared" else "(seq_len, num_interests*dim, dim)"
         raise ValueError(f"weight for bilinear={bilinear!r} must have shape {what} = {want}, "
                          f"got {tuple(weight.shape)}")
-    lengths = mask if isinstance(mask, torch.Tensor) and mask.dim() == 1 else None
-    mask = _checks.sequence_mask(mask, B, L, device)
-    if lengths is not None and compiling():
-        # the eager range check above is traced away: check (and build the mask) in the graph
-        mask = _lengths_mask_op(lengths, L)
+    if isinstance(mask, torch.Tensor) and mask.dim() == 1:
+        # lengths (B,): type / shape / device here, values in the opaque op (eager and compiled)
+        if mask.dtype.is_floating_point or mask.dtype.is_complex or mask.dtype == torch.bool:
+            raise TypeError(f"mask as lengths (batch,) must be an integer tensor, got {mask.dtype}")
+        if mask.device != device:
+            raise ValueError(f"mask is on {mask.device} but the inputs are on {device}")
+        if mask.shape[0] != B:
+            raise ValueError(f"mask as lengths must have shape ({B},), got {tuple(mask.shape)}")
+        mask = _lengths_mask_op(mask, L)
+    else:
+        mask = _checks.sequence_mask(mask, B, L, device)
     if init_logits is not None:
         _checks.tensor("init_logits", init_logits, ndim=3, dtypes=FLOATS, device=device)
         if tuple(init_logits.shape) != (B, K, L):
@@ -261,8 +278,10 @@ def capsule_routing(seq_emb: Tensor, mask: Tensor, weight: Tensor, *, num_intere
     Args:
       seq_emb: (batch, seq_len, dim) item embeddings, fp32/bf16/fp16 (fp64 on cpp/eager).
       mask: (batch, seq_len) bool, True at real items (any pattern), or int lengths (batch,)
-        meaning the first ``length`` positions are real (a length outside [0, seq_len] is a
-        ValueError, under torch.compile too).
+        meaning the first ``length`` positions are real. A length outside [0, seq_len] is a
+        ValueError on CPU, eager and under torch.compile alike; on CUDA it is checked without
+        a host sync, by a device-side assert (the error surfaces at the next synchronising
+        call), compiled or not.
       weight: nn.Linear orientation (out before in): (dim, dim) for ``bilinear="shared"``
         (MIND: u_hat = seq_emb · weightᵀ, the same for every interest) or
         (seq_len, num_interests*dim, dim) for ``"per_position"`` (ComiRec-DR:
