@@ -772,3 +772,24 @@ def test_softmax_variants_match_formula_cuda(backend, softmax_axis, bilinear, de
     want = run(lambda s, ww: formula(s, mask, ww, init_logits=init, **kw), seq, w, gout)
     for name, a, e in zip(("interests", "grad seq_emb", "grad weight"), got, want):
         assert_close(a.cpu(), e, atol=2e-5, rtol=1e-4, name=f"{backend} {softmax_axis} {name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("detach", [True, False])
+def test_mind_fused_cuda_headline(dtype, detach):
+    # the fused MIND kernels at the headline (L, K, d) = (50, 4, 64), true bf16/fp16 dots
+    if not B.available("routing", "triton", torch.device("cuda")):
+        pytest.fail("triton not available on this GPU machine")
+    from seqrec_fast.kernels import routing as kr
+
+    assert kr.mind_fusable(50, 64, dtype)
+    shape = (1024, 50, 4, 64)
+    seq, mask, w, init, gout = make(shape, "shared", dtype, init=True, device="cuda")
+    kw = dict(num_interests=4, bilinear="shared", init_logits=init, detach_routing=detach)
+    got = run(lambda s, ww: capsule_routing(s, mask, ww, backend="triton", **kw), seq, w, gout)
+    truth = run(lambda s, ww: routing_ref(s, mask, ww, **kw), seq.double(), w.double(),
+                gout.double())
+    same = run(lambda s, ww: routing_ref(s, mask, ww, **kw), seq, w, gout)
+    for name, a, e, t in zip(("v", "gs", "gw"), got, same, truth):
+        assert_within_2x_eager(a, e, t, name=f"fused {dtype} detach={detach} {name}")
