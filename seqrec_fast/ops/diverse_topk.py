@@ -34,8 +34,13 @@ def _prepare(scores: Tensor, ids: Tensor, categories: Tensor, n: int, lam: float
     s = scores.to(torch.float64)
     valid = (ids >= 0) & (cat >= 0) & (s > float("-inf"))      # NaN > -inf is False
     s = torch.where(valid, s, torch.full_like(s, float("-inf")))
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices
     pen = lam * torch.arange(n + 1, dtype=torch.float64, device=scores.device)
+    # rows whose valid scores already descend (multi_interest_topk's output) need no sort: the
+    # kernels skip the -inf places, and a stable sort would keep the valid ones where they are
+    prev = torch.cummin(torch.where(valid, s, torch.full_like(s, float("inf"))), dim=1).values
+    if s.shape[1] < 2 or bool((s[:, 1:] <= prev[:, :-1]).all()):
+        return s, ids, cat, pen
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
     return s.gather(1, order), ids.gather(1, order), cat.gather(1, order), pen
 
 
