@@ -778,6 +778,8 @@ def _routing_mind_bwd_kernel(gv_ptr, e_ptr, w_ptr, mask_ptr, c_ptr, s_ptr, de_pt
                 kk, ll, dd, lu, du, K, L, D, ITERS, HAS_INIT, SEQ_AXIS, BLOCK_K, BLOCK_L,
                 BLOCK_D)
         gu_op = gu.to(e.dtype)  # deliberate: bf16/fp16 operands on tensor cores
+        # dW first, so that E is dead before W is loaded (fewer tiles live at once)
+        dw = tl.dot(tl.trans(gu_op), e, dw, input_precision=PREC)  # accumulate in place
         # W (out, in) re-read per row from L1/L2 rather than held across the loop: with the dW
         # accumulator live, a loop-carried W tile pushes fp32 (tf32x3) past 255 registers
         w = tl.load(w_ptr + oo * D + ii, mask=(oo < D) & (ii < D), other=0.0)
@@ -786,7 +788,6 @@ def _routing_mind_bwd_kernel(gv_ptr, e_ptr, w_ptr, mask_ptr, c_ptr, s_ptr, de_pt
         de = tl.dot(gu_op, w, input_precision=PREC)  # (BLOCK_L, BLOCK_D)
         tl.store(de_ptr + b * L * D + lu * D + du, de.to(de_ptr.dtype.element_ty),
                  mask=(lu < L) & (du < D))
-        dw = tl.dot(tl.trans(gu_op), e, dw, input_precision=PREC)  # accumulate in place
     tl.store(dwp_ptr + pid.to(tl.int64) * D * D + oo * D + ii, dw, mask=(oo < D) & (ii < D))
 
 
