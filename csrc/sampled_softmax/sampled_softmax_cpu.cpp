@@ -10,7 +10,8 @@
 // complete over the batch: the shared columns' (C, d) are scatter-added once after the parallel
 // region; per-row negatives' are computed in waves of one chunk per thread and scatter-added
 // in chunk order after each wave. Both in a fixed order: the item gradient has the same bits
-// on every run.
+// on every run. They go into a compact table of the distinct candidate ids (U, d), copied
+// into the dense (N, d) gradient once.
 // Element-wise work uses ATen ops on the chunk; everything is computed in float32 (float64 for
 // float64 inputs, so gradcheck works), bf16/fp16 inputs converted chunk by chunk.
 #include <algorithm>
@@ -196,7 +197,24 @@ std::vector<at::Tensor> sampled_softmax_bwd_cpu(
   const at::Tensor lse_col = lse.to(acc).unsqueeze(1);
   at::Tensor du_t;
   if (need_user) du_t = at::zeros({at::get_num_threads(), B, d}, user.options().dtype(acc));
-  at::Tensor dw = need_items ? at::zeros({N, d}, user.options().dtype(acc)) : at::Tensor();
+  // Item gradients accumulate per distinct candidate id (shared columns, per-row negatives,
+  // targets) in a compact (U, d) table, cast once and copied into the dense (N, d) gradient:
+  // never an (N, d) accumulation buffer. `slot` maps each candidate to its table row.
+  at::Tensor dw, uniq, slot;
+  int64_t k_row = 0, k_pos = 0;  // where the per-row negatives / targets start in `slot`
+  if (need_items) {
+    std::vector<at::Tensor> cand;
+    if (p.col_ids.defined()) cand.push_back(p.col_ids);
+    k_row = p.col_ids.defined() ? p.col_ids.size(0) : 0;
+    if (p.row_neg.defined()) cand.push_back(p.row_neg.view({-1}));
+    k_pos = k_row + (p.row_neg.defined() ? p.row_neg.numel() : 0);
+    cand.push_back(target);
+    auto u = at::_unique2(at::cat(cand), /*sorted=*/true, /*return_inverse=*/true,
+                          /*return_counts=*/false);
+    uniq = std::get<0>(u);
+    slot = std::get<1>(u);
+    dw = at::zeros({uniq.size(0), d}, user.options().dtype(acc));
+  }
   if (p.col_ids.defined()) {
     const int64_t C = p.col_ids.size(0), step = sampled_chunk(B, C);
     // the shared columns' item gradients (C, d) are complete per chunk: each chunk writes its
@@ -215,7 +233,7 @@ std::vector<at::Tensor> sampled_softmax_bwd_cpu(
         }
       }
     });
-    if (need_items) dw.index_add_(0, p.col_ids, gcol);
+    if (need_items) dw.index_add_(0, slot.narrow(0, 0, C), gcol);
   }
   if (p.row_neg.defined()) {
     const int64_t S = p.row_neg.size(1), step = sampled_chunk(B * d, S);
@@ -226,6 +244,8 @@ std::vector<at::Tensor> sampled_softmax_bwd_cpu(
     // any thread count; memory O(threads · B·chunk·d).
     const int64_t wave = need_items ? std::max<int64_t>(1, at::get_num_threads()) : n_chunks;
     std::vector<at::Tensor> slot_grad(need_items ? wave : 0), slot_ids(need_items ? wave : 0);
+    const at::Tensor row_slot = need_items ? slot.narrow(0, k_row, B * S).view({B, S})
+                                           : at::Tensor();
     for (int64_t w0 = 0; w0 < n_chunks; w0 += wave) {
       const int64_t w1 = std::min(n_chunks, w0 + wave);
       at::parallel_for(w0, w1, 1, [&](int64_t begin, int64_t end) {
@@ -238,7 +258,7 @@ std::vector<at::Tensor> sampled_softmax_bwd_cpu(
           if (need_user) du_t[at::get_thread_num()].add_(at::bmm(dz.unsqueeze(1), wn).squeeze(1));
           if (need_items) {
             slot_grad[c - w0] = (dz.unsqueeze(2) * p.us.unsqueeze(1)).view({-1, d});  // (B·n, d)
-            slot_ids[c - w0] = ids.view({-1});
+            slot_ids[c - w0] = row_slot.narrow(1, s0, n).reshape({-1});  // rows of ids
           }
         }
       });
@@ -252,11 +272,13 @@ std::vector<at::Tensor> sampled_softmax_bwd_cpu(
   }
   // the positive: dL/dz = g·(p_pos - 1)
   at::Tensor dzp = (p.zpos - lse.to(acc)).exp_().sub_(1.0).mul_(g);
-  if (need_items) dw.index_add_(0, target, p.us * dzp.unsqueeze(1));
+  if (need_items) dw.index_add_(0, slot.narrow(0, k_pos, B), p.us * dzp.unsqueeze(1));
   at::Tensor d_user = need_user
       ? du_t.sum(0).add_(p.wpos * dzp.unsqueeze(1)).mul_(1.0 / temperature).to(user.scalar_type())
       : at::empty({0, d}, user.options());
-  at::Tensor d_items = need_items ? dw.to(items.scalar_type()) : at::empty({0, d}, items.options());
+  at::Tensor d_items = need_items
+      ? at::zeros({N, d}, items.options()).index_copy_(0, uniq, dw.to(items.scalar_type()))
+      : at::empty({0, d}, items.options());
   return {d_user, d_items};
 }
 
