@@ -564,3 +564,17 @@ def test_lce_tiny_temperature_is_finite_everywhere():
         for name, a, e in zip(("loss", "du", "dw"), got, outs["eager"]):
             assert torch.isfinite(a).all(), (be, name)
             assert (a - e).abs().max().item() <= 1e-4 * e.abs().max().item(), (be, name)
+
+
+def test_check_id_range_op_opcheck_and_errors():
+    """The opaque id check behind compiled validation: opcheck, and the eager errors."""
+    from seqrec_fast.ops._common import _check_id_range_op
+
+    ids = torch.tensor([0, 3, -100, 9])
+    torch.library.opcheck(_check_id_range_op, (ids, "target", 10, -100))
+    out = _check_id_range_op(ids, "target", 10, -100)
+    assert torch.equal(out, ids) and out.data_ptr() != ids.data_ptr()
+    with pytest.raises(ValueError, match="target contains id 10"):
+        _check_id_range_op(torch.tensor([1, 10]), "target", 10, None)
+    with pytest.raises(ValueError, match="negatives contains id -100"):
+        _check_id_range_op(torch.tensor([-100]), "negatives", 10, None)
