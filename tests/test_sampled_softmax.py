@@ -386,6 +386,20 @@ def test_sampled_validation_is_the_same_compiled(backend):
             torch.compile(fn, fullgraph=True, backend="inductor")(*args)
 
 
+def test_bpr_max_validation_is_the_same_compiled():
+    u, w, t = torch.randn(3, 8), torch.randn(10, 8), torch.tensor([1, 2, 3])
+
+    def fn(u, w, t, neg):
+        return bpr_max_loss(u, w, t, neg)
+
+    for neg, exc in [(torch.tensor([4, 11]), ValueError), (torch.tensor([4, 5]).int(), TypeError)]:
+        with pytest.raises(exc, match="negatives"):
+            fn(u, w, t, neg)
+        torch._dynamo.reset()
+        with pytest.raises(exc, match="negatives"):
+            torch.compile(fn, fullgraph=True, backend="inductor")(u, w, t, neg)
+
+
 @pytest.mark.parametrize("backend", ["eager"] + FUSED)
 @pytest.mark.parametrize("per_row", [False, True])
 def test_sampled_cpu_autocast_bf16(backend, per_row):

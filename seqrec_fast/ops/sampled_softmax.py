@@ -282,8 +282,19 @@ def bpr_max_loss(user: Tensor, items: Tensor, target: Tensor, negatives: Tensor,
     r_j (removed accidental hits take part in neither sum).
 
     Eager composite: the (batch, S [+ batch]) scores are small next to a catalog, so only
-    ``backend="auto"``/``"eager"`` exist for it.
+    ``backend="auto"``/``"eager"`` exist for it. Argument errors are the same compiled or not.
     """
+    try:
+        return _bpr_max_loss(user, items, target, negatives, reg, in_batch_negatives,
+                             remove_accidental_hits, temperature, reduction, backend)
+    except (TypeError, ValueError) as err:
+        if not compiling():
+            raise
+        return deferred_error(err, user)
+
+
+def _bpr_max_loss(user, items, target, negatives, reg, in_batch_negatives,
+                  remove_accidental_hits, temperature, reduction, backend):
     device, temperature, target, negatives = _check_sampled(
         user, items, target, negatives, None, None, in_batch_negatives,
         remove_accidental_hits, temperature, reduction)
