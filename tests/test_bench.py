@@ -56,3 +56,19 @@ def test_bench_one_provider_vocabulary(tmp_path, script):
     assert {row["provider"] for row in csv.DictReader(open(out))} == {"cpp"}
     r, _ = _run(script, "--quick", "--providers", "eager,fastest", tmp_path=tmp_path)
     assert r.returncode == 2 and "--providers: unknown ['fastest']" in r.stderr, r.stderr[-2000:]
+
+
+def test_bench_retrieval_quick(tmp_path):
+    """bench/retrieval.py (multi_interest_topk and diverse_topk, named for the pair): both
+    variants, the ratio column, and the shared provider vocabulary."""
+    if "cpp" not in fused_backends("multi_interest_topk"):
+        pytest.skip("the C++ extension is not built")
+    r, out = _run("retrieval", "--quick", "--providers", "eager,cpp", "--reps", "1",
+                  tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| provider |" in r.stdout and "x |" in r.stdout
+    rows = list(csv.DictReader(open(out)))
+    assert {(row["variant"], row["provider"]) for row in rows} == {
+        ("topn", "eager"), ("topn", "cpp"), ("aggregate", "eager"), ("aggregate", "cpp")}
+    r, _ = _run("retrieval", "--quick", "--providers", "eager,fastest", tmp_path=tmp_path)
+    assert r.returncode == 2 and "--providers: unknown ['fastest']" in r.stderr, r.stderr[-2000:]
