@@ -27,8 +27,8 @@ Backward, ``_linear_cross_entropy_bwd_kernel``, grid (column blocks, row splits)
 owns a tile of columns, loops over the batch rows recomputing the logits tile from the saved
 LSE in (columns, rows) layout (W·Uᵀ), forms dL/ds = g/T·(p - (1-ε)·onehot - ε/N) there and
 accumulates dW_tile = dL/ds·U in fp32 registers (dL/ds is the A operand as it is: no register
-transpose between the two dots). Catalog columns with one row split are written once (no atomics, deterministic, no
-fp32 (N, d) buffer for bf16 inputs). Small catalogs get row splits and candidates may repeat
+transpose between the two dots). Catalog columns with one row split are written once (no
+atomics, deterministic, no fp32 (N, d) buffer for bf16 inputs). Small catalogs get row splits and candidates may repeat
 (duplicated negatives, in-batch targets) so those accumulate with fp32 atomics into an fp32
 buffer.
 

@@ -167,7 +167,9 @@ def autocast_inputs(user: Tensor, items: Tensor, bias: Optional[Tensor] = None):
     if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
         return user, items, bias, None
     dt = torch.get_autocast_dtype(dev)
-    cast = lambda t: t.to(dt) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_FROM else t  # noqa: E731
+    def cast(t):
+        return t.to(dt) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_FROM else t
+
     return cast(user), cast(items), cast(bias), torch.float32
 
 

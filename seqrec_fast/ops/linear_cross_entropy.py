@@ -93,18 +93,19 @@ def _linear_cross_entropy_bwd_op(grad_rows: Tensor, user: Tensor, items: Tensor,
                                  need_items: bool, need_bias: bool,
                                  backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """-> d_user (B, d) | (0, d), d_items (N, d) | (0, d), d_bias (N,) | (0,)."""
-    grad_rows = grad_rows.contiguous()
-    if backend == "cpp":
-        du, dw, db = _ext._C.linear_cross_entropy_bwd_cpu(
-            grad_rows.to(lse.dtype), user, items, target, bias, lse, temperature, ignore_index,
-            label_smoothing, need_user, need_items, need_bias, 0)
-        return du, dw, db
-    if backend == "triton":
-        return _triton()._linear_cross_entropy_bwd(grad_rows, user, items, target, bias, lse,
-                                                   softmax_item_mean, temperature, ignore_index,
-                                                   label_smoothing, need_user, need_items,
-                                                   need_bias)
-    raise ValueError(f"no fused linear_cross_entropy kernel for backend {backend!r}")
+    # a backward run inside an autocast region must not recast the kernels' own matmuls
+    with torch.autocast(user.device.type, enabled=False):
+        grad_rows = grad_rows.contiguous()
+        if backend == "cpp":
+            du, dw, db = _ext._C.linear_cross_entropy_bwd_cpu(
+                grad_rows.to(lse.dtype), user, items, target, bias, lse, temperature,
+                ignore_index, label_smoothing, need_user, need_items, need_bias, 0)
+            return du, dw, db
+        if backend == "triton":
+            return _triton()._linear_cross_entropy_bwd(
+                grad_rows, user, items, target, bias, lse, softmax_item_mean, temperature,
+                ignore_index, label_smoothing, need_user, need_items, need_bias)
+        raise ValueError(f"no fused linear_cross_entropy kernel for backend {backend!r}")
 
 
 @_linear_cross_entropy_bwd_op.register_fake

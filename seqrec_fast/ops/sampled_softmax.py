@@ -16,9 +16,9 @@ Backends: ``triton`` (``seqrec_fast.kernels.sampled_softmax``), ``cpp``
 Non-finite inputs, the same on every backend: a ``log_q`` of -inf (probability 0) makes that
 candidate's corrected logit +inf, so the loss of every row that sees it is +inf and the
 gradients of those rows are NaN (inf - inf), as in the eager formula. Extreme temperatures
-(1e-30) give finite losses and gradients (probabilities clamped to <= 1). Id checks (range of ``target`` /
-``negatives``): ValueError on CPU, compiled or not (``seqrec_fast::check_id_range``); on CUDA
-a device-side assert without host sync.
+(1e-30) give finite losses and gradients (probabilities clamped to <= 1). Id checks (range
+of ``target`` / ``negatives``): ValueError on CPU, compiled or not
+(``seqrec_fast::check_id_range``); on CUDA a device-side assert without host sync.
 
 Sharded catalog (collectives in ``catalog_parallel``): the candidates (targets and negatives, at
 most B + S distinct ids) are what a step touches, so each rank contributes the candidate rows it
@@ -92,19 +92,20 @@ def _sampled_softmax_bwd_op(grad_rows: Tensor, user: Tensor, items: Tensor, targ
                             remove_accidental_hits: bool, temperature: float, need_user: bool,
                             need_items: bool, backend: str) -> Tuple[Tensor, Tensor]:
     """-> d_user (B, d) | (0, d), d_items (N, d) | (0, d)."""
-    if backend == "cpp":
-        du, dw = _ext._C.sampled_softmax_bwd_cpu(grad_rows.to(lse.dtype).contiguous(), user,
-                                                 items, target, negatives, log_q, target_log_q,
-                                                 lse, in_batch_negatives, remove_accidental_hits,
-                                                 temperature, need_user, need_items)
-        return du, dw
-    if backend == "triton":
-        return _triton()._sampled_softmax_bwd(grad_rows.contiguous(), user, items, target,
-                                              negatives, log_q, target_log_q, lse,
-                                              softmax_item_mean, in_batch_negatives,
-                                              remove_accidental_hits, temperature, need_user,
-                                              need_items)
-    raise ValueError(f"no fused sampled_softmax kernel for backend {backend!r}")
+    # a backward run inside an autocast region must not recast the kernels' own matmuls
+    with torch.autocast(user.device.type, enabled=False):
+        if backend == "cpp":
+            du, dw = _ext._C.sampled_softmax_bwd_cpu(
+                grad_rows.to(lse.dtype).contiguous(), user, items, target, negatives, log_q,
+                target_log_q, lse, in_batch_negatives, remove_accidental_hits, temperature,
+                need_user, need_items)
+            return du, dw
+        if backend == "triton":
+            return _triton()._sampled_softmax_bwd(
+                grad_rows.contiguous(), user, items, target, negatives, log_q, target_log_q, lse,
+                softmax_item_mean, in_batch_negatives, remove_accidental_hits, temperature,
+                need_user, need_items)
+        raise ValueError(f"no fused sampled_softmax kernel for backend {backend!r}")
 
 
 @_sampled_softmax_bwd_op.register_fake
