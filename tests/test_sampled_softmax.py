@@ -485,8 +485,8 @@ def test_sampled_log_q_minus_inf_gives_inf_loss_everywhere(per_row):
     outs = {}
     for be in ["eager"] + FUSED:
         outs[be] = _loss_and_grads(
-            lambda u, w: sampled_softmax_loss(u, w, target, neg, log_q=lq, reduction="none",
-                                              backend=be), user, items)
+            lambda u, w, be=be: sampled_softmax_loss(u, w, target, neg, log_q=lq,
+                                                     reduction="none", backend=be), user, items)
     want_inf = torch.ones(4, dtype=torch.bool) if not per_row else torch.arange(4) == 1
     for be, (loss, du, dw) in outs.items():
         assert torch.equal(torch.isposinf(loss), want_inf), (be, loss)
@@ -504,7 +504,7 @@ def test_sampled_tiny_temperature_is_finite_everywhere():
     items[:, 0] += 5.0
     user[0] = 0.0
     user[0, 0] = -1.0                          # u_0·w_j ≈ -5 for every item: logits ≈ -5e30
-    outs = {be: _loss_and_grads(lambda u, w: sampled_softmax_loss(
+    outs = {be: _loss_and_grads(lambda u, w, be=be: sampled_softmax_loss(
         u, w, target, neg, temperature=1e-30, reduction="none", backend=be), user, items)
         for be in ["eager"] + FUSED}
     ref = outs["eager"]
