@@ -74,7 +74,7 @@ def sequence_mask(mask, batch: int, seq_len: int, device: torch.device,
         if mask.shape[0] != batch:
             raise ValueError(f"{name} as lengths must have shape ({batch},), got {tuple(mask.shape)}")
         # value check needs a host sync; skipped while torch.compile traces (data-dependent)
-        if batch and not torch.compiler.is_compiling() and (
+        if batch and not compiling() and (
                 int(mask.min()) < 0 or int(mask.max()) > seq_len):
             raise ValueError(f"{name} lengths must lie in [0, {seq_len}], got range "
                              f"[{int(mask.min())}, {int(mask.max())}]")

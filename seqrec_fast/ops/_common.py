@@ -24,12 +24,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def compiling() -> bool:
-    """True while torch.compile traces (data-dependent checks are skipped then)."""
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # pragma: no cover - old torch
-        return False
+compiling = _checks.compiling   # True while torch.compile traces (one probe for the package)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def _validate(scores, ids, categories, n, lam):
     lam = float(lam)
     if not math.isfinite(lam) or lam < 0:
         raise ValueError(f"lam must be finite and >= 0, got {lam}")
-    if ids.numel() and not torch.compiler.is_compiling():   # host sync; skipped under compile
+    if ids.numel() and not _checks.compiling():   # host sync; skipped under compile
         lo, hi = int(ids.min()), int(ids.max())
         if lo < -1 or hi >= categories.shape[0]:
             raise ValueError(f"ids must lie in [0, {categories.shape[0]}) (the length of "

@@ -77,7 +77,7 @@ def _validate(interests, items, n, interest_mask, exclude):
         exclude = exclude.to(torch.int64).contiguous()
         N = items.shape[0]
         # value check needs a host sync; skipped while torch.compile traces
-        if exclude.numel() and not torch.compiler.is_compiling():
+        if exclude.numel() and not _checks.compiling():
             lo, hi = int(exclude.min()), int(exclude.max())
             if lo < -1 or hi >= N:
                 raise ValueError(f"exclude ids must lie in [0, {N}) or be -1 (padding), got "
