@@ -31,11 +31,6 @@ CASE_NAMES = [c.name for c in sm90.CASES]
 # ----------------------------------------------------------------------------------------------
 # known today (triton 3.9 / ptxas of its wheel, sm_90): (case, kernel) -> why
 # ----------------------------------------------------------------------------------------------
-FP32_IEEE = ("fp32 tl.dot with input_precision='ieee' (torch's default 'highest') lowers to FMA: "
-             "operand and accumulator tiles live in registers and spill (DESIGN.md: tf32x3)")
-HALF_PRESSURE = "255 registers per thread at this tile/warp config: spills a few hundred bytes"
-NOT_36 = ("3.6",)  # (reason, NOT_36): seen with triton 3.9 only; 3.6 compiles it without spill
-
 SMALL_M = ("the (BLOCK_K=16, L)·(L, d) interests dot has M = 16 rows; wgmma needs 64 per warp "
            "group, so it lowers to mma.sync")
 
@@ -44,9 +39,6 @@ KNOWN_SPILLS = {
     # item-mean accumulator plus the hi/lo 3xTF32 parts of its user tile in registers
     ("linear_cross_entropy/full/8192x2000000x128/fp32", "_linear_cross_entropy_fwd_kernel"):
         "3xTF32 operand splits + (BLOCK_B, d) = (64, 128) fp32 accumulator, 4 warps; 88 B",
-    # retrieval
-    ("multi_interest_topk/eval/100000x4x1000000x64x50/fp32", "_multi_interest_topk_fwd_kernel"):
-        FP32_IEEE,  # 40 B
     # routing: fused MIND backward, fp32 (bf16/fp16 do not spill)
     ("routing/mind_shared/4096x50x4x64/fp32", "_routing_mind_bwd_kernel"):
         "tf32x3 dots (grad_uᵀ·E and grad_u·W, each operand split in two) next to the (d, d) "
@@ -65,8 +57,6 @@ MISSING_WGMMA = {
     ("attention/comirec_sa/8192x200x8x64/fp32", "_attention_bwd_weights_kernel"): ATTN_FP32_TILES,
     ("attention/comirec_sa/4096x50x4x64/bf16", "_attention_fwd_kernel"): SMALL_M,
     ("attention/comirec_sa/4096x50x4x64/fp16", "_attention_fwd_kernel"): SMALL_M,
-    ("multi_interest_topk/eval/100000x4x1000000x64x50/fp32", "_multi_interest_topk_fwd_kernel"):
-        FP32_IEEE,
 }
 
 
