@@ -95,14 +95,14 @@ if [ "$DRY" = 1 ]; then
   ATTENTION=(--shapes 3,8,2,16 --providers eager,triton --modes fwd+bwd --reps 1)
   LCE=(--quick --providers eager,triton --reps 1)
   SAMPLED=(--quick --providers eager,triton --reps 1)
-  RETRIEVAL=(--quick --providers torch,triton --reps 1)
+  RETRIEVAL=(--shapes 4,2,300,16,10 --providers torch,triton --reps 1)
 else
   ROUTING_HEAD=(--shapes 4096,50,4,64 --variants mind,dr --modes fwd+bwd --providers eager,compile,triton)
   ROUTING_BIG=(--shapes 8192,200,8,64 --variants dr --modes fwd+bwd --providers eager,triton)
   ATTENTION=(--shapes 4096,50,4,64 --modes fwd+bwd --providers eager,triton --dtype fp32,bf16)
   LCE=(--gpu-suite)
   SAMPLED=(--gpu-suite)
-  RETRIEVAL=(--gpu-suite)
+  RETRIEVAL=(--gpu-suite --dtype bf16,fp32 --providers ours,torch)
 fi
 
 echo "gpu_suite: budget ${BUDGET}s, dry run $DRY, out $OUT, $(date -u +%FT%TZ), git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"

@@ -168,7 +168,8 @@ def main(argv=None):
     ap = _harness.base_parser(__doc__, "ours,torch,torch-max,faiss,eager")
     ap.add_argument("--dtype", default="fp32", help="comma list of " + ",".join(sorted(DTYPES)))
     ap.add_argument("--shapes", nargs="*", help="U,K,N,d,n ...")
-    ap.add_argument("--gpu-suite", action="store_true", help="GPU headline shape in fp32")
+    ap.add_argument("--gpu-suite", action="store_true",
+                    help="GPU headline shape (dtypes from --dtype, fp32 by default)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype_names = args.dtype.split(",")
@@ -181,15 +182,8 @@ def main(argv=None):
                 ap.error(f"--shapes: want U,K,N,d,n, got {s!r}")
     shapes = GPU_SHAPES if args.gpu_suite and not args.shapes else \
         _harness.pick_shapes(args, device, QUICK_SHAPES, GPU_SHAPES, CPU_SHAPES)
-    extra = ("torch", "torch-max", "faiss")
-    if hasattr(_harness, "parse_providers"):   # the shared provider vocabulary
-        providers = _harness.parse_providers(ap, args.providers, device, "multi_interest_topk",
-                                             extra=extra)
-    else:
-        providers = _harness.usable_providers(args.providers, device)
-        unknown = [p for p in providers if p not in ("eager", "ours", "cpp", "triton") + extra]
-        if unknown:
-            ap.error(f"--providers: unknown {unknown}")
+    providers = _harness.parse_providers(ap, args.providers, device, "multi_interest_topk",
+                                         extra=("torch", "torch-max", "faiss"))
     _harness.print_versions()
     check_exact(shapes[0], device)
     cases = build_cases(shapes, [DTYPES[n] for n in dtype_names], device, providers, args.quick)
