@@ -86,12 +86,13 @@ def check_exact(backend, shape, dtype, **kw):
     return s, i
 
 
-@pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
+# the interpreter is slow: at the larger shapes Triton runs fp32 only (every dtype at the others)
+EXACT_CASES = [(b, dt, sh) for sh in SHAPES for dt in DTYPES for b in ALL
+               if not (b == "triton" and sh[0] * sh[2] > 800 and dt != torch.float32)]
+
+
+@pytest.mark.parametrize("backend, dtype, shape", EXACT_CASES)
 def test_exact_against_reference(backend, dtype, shape):
-    if backend == "triton" and shape[0] * shape[2] > 800 and dtype != torch.float32:
-        pytest.skip("interpreter time: one dtype is enough at this shape")
     check_exact(backend, shape, dtype, exclude_e=3 if shape[2] > 10 else 0)
 
 
