@@ -203,10 +203,15 @@ def resolve_loss_backend(op: str, backend: str, device: torch.device, dtype: tor
     return be
 
 
-def softmax_item_mean_rows(user: Tensor, need_user_grad: bool, backend: str) -> int:
-    """Rows of the ``softmax_item_mean`` (B, d) a loss forward returns: only Triton computes it
-    (for the user gradient); the other backends return a (0, d) placeholder."""
-    return user.shape[0] if (need_user_grad and backend == "triton") else 0
+def loss_fwd_fake(user: Tensor, need_user_grad: bool, backend: str):
+    """Fake outputs of a catalog loss's forward op (``register_fake``): loss_rows (B,), lse (B,)
+    in the accumulation dtype, and softmax_item_mean (B, d) — only Triton computes it (for the
+    user gradient); the other backends return a (0, d) placeholder."""
+    B, d = user.shape
+    acc = acc_dtype(user.dtype)
+    rows = B if (need_user_grad and backend == "triton") else 0
+    return (user.new_empty((B,), dtype=acc), user.new_empty((B,), dtype=acc),
+            user.new_empty((rows, d), dtype=acc))
 
 
 def reduce_rows(loss_rows: Tensor, reduction: str, count: Optional[Tensor], dtype) -> Tensor:

@@ -42,7 +42,7 @@ from .. import _checks, _ext
 from ..reference.linear_cross_entropy import linear_cross_entropy_ref
 from ._common import (REDUCTIONS, acc_dtype, autocast_inputs, check_bool, check_float_scalar,
                       check_ids, check_range, check_user_items, compiling, deferred_error,
-                      flatten_rows, reduce_rows, resolve_loss_backend, softmax_item_mean_rows)
+                      flatten_rows, loss_fwd_fake, reduce_rows, resolve_loss_backend)
 from .catalog_parallel import (all_gather_list, check_group, copy_to_shards,
                                exchange_shard_offset, gather_replicated)
 
@@ -78,11 +78,7 @@ def _linear_cross_entropy_fwd_op(user: Tensor, items: Tensor, target: Tensor,
 @_linear_cross_entropy_fwd_op.register_fake
 def _(user, items, target, bias, temperature, ignore_index, label_smoothing, need_user_grad,
       backend):
-    B, d = user.shape
-    acc = acc_dtype(user.dtype)
-    return (user.new_empty((B,), dtype=acc), user.new_empty((B,), dtype=acc),
-            user.new_empty((softmax_item_mean_rows(user, need_user_grad, backend), d),
-                           dtype=acc))
+    return loss_fwd_fake(user, need_user_grad, backend)
 
 
 @torch.library.custom_op("seqrec_fast::linear_cross_entropy_bwd", mutates_args=())

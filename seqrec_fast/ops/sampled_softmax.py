@@ -38,7 +38,7 @@ from .. import _checks, _ext
 from ..reference.sampled_softmax import bpr_max_ref, sampled_softmax_ref
 from ._common import (FLOATS, REDUCTIONS, acc_dtype, autocast_inputs, check_bool,
                       check_float_scalar, check_ids, check_range, check_user_items, compiling,
-                      deferred_error, reduce_rows, resolve_loss_backend, softmax_item_mean_rows)
+                      deferred_error, loss_fwd_fake, reduce_rows, resolve_loss_backend)
 from .catalog_parallel import check_group, exchange_shard_offset, sum_replicated
 
 OP = "sampled_softmax"
@@ -77,11 +77,7 @@ def _sampled_softmax_fwd_op(user: Tensor, items: Tensor, target: Tensor, negativ
 @_sampled_softmax_fwd_op.register_fake
 def _(user, items, target, negatives, log_q, target_log_q, in_batch_negatives,
       remove_accidental_hits, temperature, need_user_grad, backend):
-    B, d = user.shape
-    acc = acc_dtype(user.dtype)
-    return (user.new_empty((B,), dtype=acc), user.new_empty((B,), dtype=acc),
-            user.new_empty((softmax_item_mean_rows(user, need_user_grad, backend), d),
-                           dtype=acc))
+    return loss_fwd_fake(user, need_user_grad, backend)
 
 
 @torch.library.custom_op("seqrec_fast::sampled_softmax_bwd", mutates_args=())
