@@ -227,8 +227,8 @@ def _sampled_softmax_bwd(grad_rows, user, items, target, negatives, log_q, targe
     g = grad_rows.float().contiguous()
     scale = 1.0 / temperature
     d_user = user.new_empty((0, d))
-    wpos = items[target].float()
     if need_user:
+        wpos = items[target].float()
         d_user = ((softmax_item_mean - wpos) * (g * scale)[:, None]).to(user.dtype)
     d_items = items.new_empty((0, d))
     if need_items:
