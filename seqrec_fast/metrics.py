@@ -61,9 +61,10 @@ def per_user_diversity(recs: torch.Tensor, categories: torch.Tensor,
     valid[:, 1:] &= srt[:, 1:] != srt[:, :-1]                          # distinct ids only
     m = valid.sum(1).to(torch.float64)
     cat = cats_all[srt.clamp(min=0)]
-    # invalid places get pairwise distinct categories no real item has
+    # invalid places get pairwise distinct categories above every category in the rows (no
+    # host sync, no pass over the whole catalog's categories)
     pos = torch.arange(r.shape[1], device=r.device)
-    top = int(cats_all.max()) + 1 if cats_all.numel() else 0
+    top = cat.max() + 1 if cat.numel() else 0
     cat = torch.where(valid, cat, top + pos[None, :])
     cat, _ = cat.sort(dim=1)
     start = torch.ones_like(cat, dtype=torch.bool)
