@@ -248,7 +248,7 @@ class Retriever:
             return ids.to(queries.device), sc.to(queries.device)
         if self.method == "fused":
             return self._fused(queries.detach().float()[:, None, :], k)
-        items = self.items.to(queries.device)[1:]
+        items = self._real(queries.device)
         q = queries.detach().float()
         step = max(1, self.chunk_elems // max(n_real, 1))
         out_i, out_s = [], []
