@@ -74,7 +74,7 @@ def _validate(interests, items, n, interest_mask, exclude):
         if exclude.dim() != 2 or exclude.shape[0] != U:
             raise ValueError(f"exclude must have shape (users={U}, E) or (E,), got "
                              f"{tuple(exclude.shape)}")
-        exclude = exclude.to(torch.int64).contiguous()
+        exclude = exclude.to(torch.int64)   # the kernels make it contiguous
         N = items.shape[0]
         # value check needs a host sync; skipped while torch.compile traces
         if exclude.numel() and not _checks.compiling():
@@ -130,6 +130,5 @@ def multi_interest_topk(interests: Tensor, items: Tensor, n: int, *,
     exclude = _validate(interests, items, n, interest_mask, exclude)
     be = _backend.resolve(OP, backend, interests.device)
     with torch.no_grad():
-        return _multi_interest_topk_op(interests.detach(), items.detach(), n,
-                                       None if interest_mask is None else
-                                       interest_mask.contiguous(), exclude, be)
+        return _multi_interest_topk_op(interests.detach(), items.detach(), n, interest_mask,
+                                       exclude, be)
