@@ -312,7 +312,7 @@ def _fp32_tc(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
-def _fwd_config(dtype: torch.dtype, L: int, D: int, DA: int, K: int):
+def _fwd_config(dtype: torch.dtype, L: int, D: int, DA: int):
     """Forward kernel: (BLOCK_L, BLOCK_D, BLOCK_DA, num_warps, num_stages)."""
     block_l, block_d, block_da = _row_blocks(L, D, DA)
     if _fp32_tc(dtype):
@@ -320,7 +320,7 @@ def _fwd_config(dtype: torch.dtype, L: int, D: int, DA: int, K: int):
     return block_l, block_d, block_da, _warps(block_l * max(block_d, block_da)), 3
 
 
-def _rows_config(dtype: torch.dtype, L: int, D: int, DA: int, K: int):
+def _rows_config(dtype: torch.dtype, L: int, D: int, DA: int):
     """Rows-backward kernel: (BLOCK_L, BLOCK_D, BLOCK_DA, num_warps, num_stages)."""
     block_l, block_d, block_da = _row_blocks(L, D, DA)
     if _fp32_tc(dtype):
@@ -329,7 +329,7 @@ def _rows_config(dtype: torch.dtype, L: int, D: int, DA: int, K: int):
     return block_l, block_d, block_da, _warps(block_l * max(block_d, block_da)), 3
 
 
-def _weights_config(dtype: torch.dtype, D: int, DA: int, K: int):
+def _weights_config(dtype: torch.dtype, D: int, DA: int):
     """Weight-gradient kernel: (BLOCK_M, BLOCK_DA, num_warps, num_stages); d_a in chunks so
     that the (d, d_a-chunk) gradient tile stays in registers."""
     block_d = _pow2(D)
@@ -362,7 +362,7 @@ def _attention_fwd(x: torch.Tensor, mask: torch.Tensor, w1: torch.Tensor,
     probs = torch.empty((B, K, L), device=x.device, dtype=acc_t)
     if B == 0:
         return out, probs
-    block_l, block_d, block_da, warps, stages = _fwd_config(x.dtype, L, D, DA, K)
+    block_l, block_d, block_da, warps, stages = _fwd_config(x.dtype, L, D, DA)
     one_chunk = L <= block_l
     lse = probs if one_chunk else torch.empty((B, K), device=x.device, dtype=acc_t)
     _attention_fwd_kernel[(B,)](
@@ -406,7 +406,7 @@ def _attention_bwd(grad_out: torch.Tensor, grad_probs: Optional[torch.Tensor],
         delta = delta + (gp * probs).sum(-1)
     delta = delta.contiguous()
 
-    block_l, block_d, block_da_rows, warps, stages = _rows_config(x.dtype, L, D, DA, K)
+    block_l, block_d, block_da_rows, warps, stages = _rows_config(x.dtype, L, D, DA)
     block_k = _pow2(K)
     gx = torch.empty((B, L, D), device=dev, dtype=x.dtype)
     ga = torch.empty((B, L, K), device=dev, dtype=acc_t)
@@ -425,7 +425,7 @@ def _attention_bwd(grad_out: torch.Tensor, grad_probs: Optional[torch.Tensor],
             num_warps=warps, num_stages=stages,
         )
         # weights kernel: grid (d_a chunks, positions, batch slices)
-        block_m, block_da, warps, stages = _weights_config(x.dtype, D, DA, K)
+        block_m, block_da, warps, stages = _weights_config(x.dtype, D, DA)
         n_chunks = triton.cdiv(DA, block_da)
         if dev.type == "cuda":  # enough programs to fill the GPU, each over many rows
             target = 4 * num_sms(dev)
