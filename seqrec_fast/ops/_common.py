@@ -151,6 +151,24 @@ def deferred_error(err: Exception, like, pair: bool = False):
     return (out, out) if pair else out
 
 
+_AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype when torch.autocast is on for ``device_type`` (cpu / cuda), else
+    None."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_cast(dt: torch.dtype, *tensors):
+    """The cast policy of the ops under autocast (that of torch.matmul): fp32/fp16/bf16 tensors
+    go to ``dt`` (differentiably); fp64 tensors and None stay as they are. -> a list."""
+    return [t.to(dt) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_FROM else t
+            for t in tensors]
+
+
 def autocast_inputs(user: Tensor, items: Tensor, bias: Optional[Tensor] = None):
     """The cast policy of the catalog losses under ``torch.autocast`` (on user's device type),
     that of a matmul: fp32/fp16/bf16 ``user``/``items``/``bias`` go to the autocast dtype
@@ -158,17 +176,11 @@ def autocast_inputs(user: Tensor, items: Tensor, bias: Optional[Tensor] = None):
     out_dtype is None when autocast is off (nothing cast) and torch.float32 when it is on."""
     if not isinstance(user, Tensor) or not isinstance(items, Tensor):
         return user, items, bias, None  # the argument checks report it
-    dev = user.device.type
-    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+    dt = autocast_dtype(user.device.type)
+    if dt is None:
         return user, items, bias, None
-    dt = torch.get_autocast_dtype(dev)
-    def cast(t):
-        return t.to(dt) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_FROM else t
-
-    return cast(user), cast(items), cast(bias), torch.float32
-
-
-_AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
+    user, items, bias = autocast_cast(dt, user, items, bias)
+    return user, items, bias, torch.float32
 
 
 def flatten_rows(user, target):

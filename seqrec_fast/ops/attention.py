@@ -21,7 +21,8 @@ from torch import Tensor
 from .. import _checks, _ext
 from .. import backend as _backend
 from ..reference.attention import attention_ref, label_aware_attention_ref
-from ._common import FLOATS, acc_dtype, compiling, deferred_error
+from ._common import (FLOATS, acc_dtype, autocast_cast, autocast_dtype, compiling,
+                      deferred_error)
 
 OP = "attention"
 
@@ -151,21 +152,6 @@ def _mask(mask, B, L, device):
     return _checks.sequence_mask(mask, B, L, device)
 
 
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The autocast dtype when torch.autocast is on for ``device_type``, else None."""
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-def _autocast(dt: torch.dtype, *tensors):
-    """The cast policy under autocast (that of torch.matmul): fp32/fp16/bf16 tensors go to the
-    autocast dtype (differentiably); fp64 tensors and None stay as they are."""
-    return [t.to(dt) if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float16,
-                                                                 torch.bfloat16) else t
-            for t in tensors]
-
-
 def _validate(seq_emb, mask, w1, b1, w2, b2, pos_emb, return_attention):
     _checks.tensor("seq_emb", seq_emb, ndim=3, dtypes=FLOATS)
     device, dtype = seq_emb.device, seq_emb.dtype
@@ -262,9 +248,9 @@ def multi_interest_attention(seq_emb: Tensor, mask: Tensor, w1: Tensor, b1: Opti
 
 def _multi_interest_attention(seq_emb, mask, w1, b1, w2, b2, pos_emb, return_attention,
                               backend):
-    dt = _autocast_dtype(seq_emb.device.type) if isinstance(seq_emb, Tensor) else None
+    dt = autocast_dtype(seq_emb.device.type) if isinstance(seq_emb, Tensor) else None
     if dt is not None:
-        seq_emb, w1, b1, w2, b2, pos_emb = _autocast(dt, seq_emb, w1, b1, w2, b2, pos_emb)
+        seq_emb, w1, b1, w2, b2, pos_emb = autocast_cast(dt, seq_emb, w1, b1, w2, b2, pos_emb)
     mask = _validate(seq_emb, mask, w1, b1, w2, b2, pos_emb, return_attention)
     be = _backend.resolve(OP, backend, seq_emb.device)
     if dt is not None:  # inputs cast already; the kernels and the reference run as they are
@@ -303,9 +289,9 @@ def label_aware_attention(interests: Tensor, target_emb: Tensor, *,
     as for ``multi_interest_attention``.
     """
     if isinstance(interests, Tensor) and isinstance(target_emb, Tensor):
-        dt = _autocast_dtype(interests.device.type)
+        dt = autocast_dtype(interests.device.type)
         if dt is not None:
-            interests, target_emb = _autocast(dt, interests, target_emb)
+            interests, target_emb = autocast_cast(dt, interests, target_emb)
     _checks.tensor("interests", interests, ndim=3, dtypes=FLOATS)
     _checks.tensor("target_emb", target_emb, ndim=2, dtypes=FLOATS, device=interests.device)
     B, K, d = interests.shape

@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import _checks, _ext
 from .. import backend as _backend
 from ..reference.routing import SOFTMAX_AXES, routing_ref
-from ._common import FLOATS, acc_dtype
+from ._common import FLOATS, acc_dtype, autocast_cast, autocast_dtype
 
 OP = "routing"
 
@@ -259,16 +259,6 @@ def _validate(seq_emb, mask, weight, num_interests, iters, bilinear, init_logits
     return mask
 
 
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The autocast dtype when autocast is on for ``device_type``, else None."""
-    try:
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-    except (RuntimeError, TypeError):  # a device type autocast does not know
-        pass
-    return None
-
-
 def capsule_routing(seq_emb: Tensor, mask: Tensor, weight: Tensor, *, num_interests: int,
                     iters: int = 3, bilinear: str = "per_position",
                     init_logits: Optional[Tensor] = None, softmax_axis: str = "interest",
@@ -319,12 +309,11 @@ def capsule_routing(seq_emb: Tensor, mask: Tensor, weight: Tensor, *, num_intere
     explicitly cannot run here.
     """
     if isinstance(seq_emb, torch.Tensor) and isinstance(weight, torch.Tensor):
-        ac = _autocast_dtype(seq_emb.device.type)
+        ac = autocast_dtype(seq_emb.device.type)
         if ac is not None:
-            cast = lambda t: t.to(ac) if t.dtype in (torch.float32, torch.float16,  # noqa: E731
-                                                     torch.bfloat16) else t
+            seq_emb, weight = autocast_cast(ac, seq_emb, weight)
             with torch.autocast(seq_emb.device.type, enabled=False):
-                return capsule_routing(cast(seq_emb), mask, cast(weight),
+                return capsule_routing(seq_emb, mask, weight,
                                        num_interests=num_interests, iters=iters,
                                        bilinear=bilinear, init_logits=init_logits,
                                        softmax_axis=softmax_axis,
@@ -356,8 +345,7 @@ def capsule_routing(seq_emb: Tensor, mask: Tensor, weight: Tensor, *, num_intere
         # (L, B, d) @ (L, d, K*d) -> (L, B, K*d) -> (L, B, K, d), no copy
         u = torch.bmm(seq_emb.transpose(0, 1), weight.transpose(1, 2)).view(L, B, K, d)
     if init_logits is not None:
-        acc = torch.float64 if seq_emb.dtype == torch.float64 else torch.float32
-        init_logits = init_logits.detach().to(acc).contiguous()
+        init_logits = init_logits.detach().to(acc_dtype(seq_emb.dtype)).contiguous()
     v, _, _ = _routing_fwd_op(u, mask, init_logits, K, iters, seq_axis, seq_all,
                               detach_routing, be)
     return v
