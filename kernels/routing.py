@@ -822,6 +822,11 @@ def _layout(u_shape, num_interests: int, per_pos: bool):
     return B, num_interests, L, d, L * d, 0, d
 
 
+def _mask_u8(mask: torch.Tensor) -> torch.Tensor:
+    """The (B, L) sequence mask as the kernels read it: contiguous uint8 bytes of a bool."""
+    return (mask if mask.dtype == torch.bool else mask != 0).contiguous().view(torch.uint8)
+
+
 def _seq_mode(seq_axis: bool, seq_all: bool) -> int:
     """SEQ_AXIS constexpr: 0 interest axis, 1 sequence (real positions), 2 sequence over all L
     positions (torch-rechub)."""
@@ -852,7 +857,7 @@ def _routing_fwd(u: torch.Tensor, mask: torch.Tensor, init_logits: Optional[torc
     v = torch.empty(B, K, d, dtype=u.dtype, device=dev)
     c_last = torch.empty(B, K, L, dtype=acc, device=dev)
     s_last = torch.empty(B, K, d, dtype=acc, device=dev)
-    mask_u8 = (mask if mask.dtype == torch.bool else mask != 0).contiguous().view(torch.uint8)
+    mask_u8 = _mask_u8(mask)
     has_init = init_logits is not None
     init = init_logits.detach().to(acc).contiguous() if has_init else c_last
     blog = torch.empty(B, 2, K, L, dtype=acc, device=dev)  # logits scratch (ping-pong)
@@ -893,7 +898,7 @@ def _routing_bwd(grad_v: torch.Tensor, u: Optional[torch.Tensor], mask: torch.Te
     if B == 0 or L == 0 or d == 0 or K == 0:
         return torch.zeros(u_shape, dtype=grad_v.dtype, device=dev)
     grad_u = torch.empty(u_shape, dtype=grad_v.dtype, device=dev)  # fully written by the kernel
-    mask_u8 = (mask if mask.dtype == torch.bool else mask != 0).contiguous().view(torch.uint8)
+    mask_u8 = _mask_u8(mask)
     BK, BL, BD, one, nw = _blocks(K, L, d, per_pos, block_l)
     T = int(iters)
     if detach:
@@ -980,7 +985,7 @@ def _routing_mind_fwd(seq_emb: torch.Tensor, weight: torch.Tensor, mask: torch.T
     v = torch.empty(B, K, d, dtype=e.dtype, device=dev)
     c_last = torch.empty(B, K, L, dtype=torch.float32, device=dev)
     s_last = torch.empty(B, K, d, dtype=torch.float32, device=dev)
-    mask_u8 = (mask if mask.dtype == torch.bool else mask != 0).contiguous().view(torch.uint8)
+    mask_u8 = _mask_u8(mask)
     has_init = init_logits is not None
     init = init_logits.detach().float().contiguous() if has_init else c_last
     blog = torch.empty(B, 2, K, L, dtype=torch.float32, device=dev)
@@ -1018,7 +1023,7 @@ def _routing_mind_bwd(grad_v: torch.Tensor, seq_emb: torch.Tensor, weight: torch
     P = max(1, min(B, int(programs)))
     de = torch.empty_like(e)
     dwp = torch.empty(P, d, d, dtype=torch.float32, device=dev)
-    mask_u8 = (mask if mask.dtype == torch.bool else mask != 0).contiguous().view(torch.uint8)
+    mask_u8 = _mask_u8(mask)
     BK, BL, BD, nw = _mind_blocks(K, L, d)
     cast, prec = _mind_flags(e)
     T = int(iters)
