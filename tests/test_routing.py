@@ -793,3 +793,24 @@ def test_mind_fused_cuda_headline(dtype, detach):
     same = run(lambda s, ww: routing_ref(s, mask, ww, **kw), seq, w, gout)
     for name, a, e, t in zip(("v", "gs", "gw"), got, same, truth):
         assert_within_2x_eager(a, e, t, name=f"fused {dtype} detach={detach} {name}")
+
+
+@pytest.mark.parametrize("softmax_axis", ["interest", "sequence"])
+def test_mind_row_too_large_for_registers_takes_the_unfused_kernels(softmax_axis, monkeypatch):
+    # the dispatch boundary of the fused MIND kernels: a shared-map row of pow2(L)·pow2(d) >
+    # _RESIDENT_MAX elements goes to the unfused (streamed) Triton kernels, with the reference's
+    # values and gradients (L=129: odd, several chunks; an all-padded row)
+    if "triton" not in FUSED:
+        pytest.skip("triton not available")
+    from seqrec_fast.kernels import routing as kr
+
+    assert kr.mind_fusable(128, 64, torch.float32)
+    assert not kr.mind_fusable(129, 33, torch.float32)
+
+    def fused(*a, **k):
+        raise AssertionError("a row this large must not take the fused MIND kernels")
+
+    monkeypatch.setattr(kr, "_routing_mind_fwd", fused)
+    monkeypatch.setattr(kr, "_routing_mind_bwd", fused)
+    check_against_reference("triton", (2, 129, 2, 33), "shared", torch.float32, softmax_axis,
+                            softmax_axis == "interest", True)
