@@ -22,6 +22,13 @@ import sys
 from typing import List, Optional
 
 from . import train as _train
+from .backend import BACKENDS
+from .data.loaders import FORMATS
+from .data.preprocess import SPLITS
+from .models.base import LOSSES, READOUTS, SAMPLERS
+from .models.models import MODELS, ComiRecDR
+from .optim import OPTIMIZERS
+from .retrieval import INDEXES, RETRIEVERS
 
 
 class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -98,7 +105,7 @@ def _sep(s: str) -> str:
 
 
 def _add_index_args(p) -> None:
-    p.add_argument("--faiss-index", default="flat", choices=["flat", "ivf", "hnsw"],
+    p.add_argument("--faiss-index", default="flat", choices=list(INDEXES),
                    help="retrieval index: exact flat or approximate ivf / hnsw")
     p.add_argument("--faiss-nlist", type=int, default=None,
                    help="ivf: number of lists (None: 4*sqrt(n), at most n/39)")
@@ -112,7 +119,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     d = _train.TrainConfig()
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model,
-                   choices=["youtubednn", "gru4rec", "mind", "comirec-dr", "comirec-sa"],
+                   choices=list(MODELS),
                    help="the recommender to train")
     g.add_argument("--dim", type=int, default=d.dim, help="embedding size d")
     g.add_argument("--num-interests", type=int, default=d.num_interests,
@@ -121,16 +128,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="history length L: the last L items before the target")
     g.add_argument("--padding", default=d.padding, choices=["right", "left"],
                    help="side of the padding in a short history (ComiRec: right)")
-    g.add_argument("--readout", default=d.readout, choices=["hard", "pow"],
+    g.add_argument("--readout", default=d.readout, choices=list(READOUTS),
                    help="training readout: the interest closest to the target, or "
                         "softmax(score^p) (MIND)")
     g.add_argument("--readout-pow", type=float, default=d.readout_pow,
                    help="p of the pow readout")
     g.add_argument("--dynamic-k", action="store_true", help="MIND: dynamic interest number")
-    g.add_argument("--bilinear-init", default=d.bilinear_init, choices=["identity", "normal"],
+    g.add_argument("--bilinear-init", default=d.bilinear_init, choices=list(ComiRecDR.BILINEAR_INITS),
                    help="ComiRec-DR: start of the per-position maps (normal = ComiRec's N(0,1))")
     g.add_argument("--backend", default=d.backend,
-                   choices=["auto", "triton", "cuda", "cpp", "eager"],
+                   choices=list(BACKENDS),
                    help="kernel backend of the fused ops")
 
     g = p.add_argument_group("data")
@@ -138,7 +145,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="'synthetic' or an interaction log (.csv / .tsv / .inter / .txt / "
                         ".parquet / headerless files such as MovieLens u.data)")
     g.add_argument("--data-format", default=d.data_format,
-                   choices=["auto", "csv", "tsv", "recbole", "comirec", "parquet"],
+                   choices=list(FORMATS),
                    help="file format (auto: from the extension)")
     g.add_argument("--user-col", default=d.user_col,
                    help="user column: a name, or a 0-based index in a file without header "
@@ -164,7 +171,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "or ~/.cache/seqrec_fast; 'none': no cache)")
 
     g = p.add_argument_group("split")
-    g.add_argument("--split", default=d.split, choices=["user", "leave_last_out"],
+    g.add_argument("--split", default=d.split, choices=list(SPLITS),
                    help="held-out users (ComiRec) or every user's last items")
     g.add_argument("--split-ratios", type=_ratios, default=d.split_ratios,
                    help="train,valid,test shares of the users (--split user)")
@@ -182,13 +189,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "'evaluate --diversity'")
 
     g = p.add_argument_group("loss")
-    g.add_argument("--loss", default=d.loss, choices=["sampled", "full"],
+    g.add_argument("--loss", default=d.loss, choices=list(LOSSES),
                    help="sampled softmax over shared negatives, or full-catalog softmax")
     g.add_argument("--neg-ratio", type=int, default=d.neg_ratio,
                    help="shared negatives per batch = neg_ratio x batch size")
     g.add_argument("--num-negatives", type=int, default=d.num_negatives,
                    help="a fixed number of shared negatives (overrides --neg-ratio)")
-    g.add_argument("--neg-sampler", default=d.neg_sampler, choices=["log_uniform", "uniform"],
+    g.add_argument("--neg-sampler", default=d.neg_sampler, choices=list(SAMPLERS),
                    help="negative distribution (log-uniform over popularity ranks)")
 
     g = p.add_argument_group("optimisation")
@@ -200,7 +207,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "(overrides --steps)")
     g.add_argument("--lr", type=float, default=d.lr, help="learning rate (dense Adam)")
     g.add_argument("--optimizer", default=d.optimizer,
-                   choices=["adam", "rowwise_adagrad", "rowwise_adam"],
+                   choices=list(OPTIMIZERS),
                    help="adam, or a row-wise optimizer for the item table (sparse updates)")
     g.add_argument("--sparse-lr", type=float, default=d.sparse_lr,
                    help="learning rate of the row-wise optimizer (None: 0.05 for Adagrad, "
@@ -218,7 +225,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-every", type=int, default=d.log_every,
                    help="log the mean training loss every N steps")
     g.add_argument("--retriever", default=d.retriever,
-                   choices=["auto", "fused", "torch", "faiss"],
+                   choices=list(RETRIEVERS),
                    help="retrieval: fused exact top-N (auto with a flat index), chunked torch "
                         "matmul + top-k, or faiss")
     _add_index_args(g)
@@ -252,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint", help="a best.pt or last.pt written by train")
     ev.add_argument("--split", default="test", choices=["valid", "test"], help="users to score")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    ev.add_argument("--retriever", default="auto", choices=["auto", "fused", "torch", "faiss"],
+    ev.add_argument("--retriever", default="auto", choices=list(RETRIEVERS),
                     help="retrieval: fused exact top-N (auto with a flat index), chunked torch "
                          "matmul + top-k, or faiss")
     ev.add_argument("--diversity", default=None, type=_lambdas,
