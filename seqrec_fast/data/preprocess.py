@@ -358,12 +358,12 @@ def load_dataset(source, *, cache_dir: Optional[str] = "auto", format: str = "au
                             f"{type(item_categories).__name__}")
         if not os.path.isfile(os.fspath(item_categories)):
             raise ValueError(f"item_categories {os.fspath(item_categories)!r} does not exist")
-        cat_key = file_digest(os.fspath(item_categories))
+        cat_key = file_digest(os.fspath(item_categories)) if cache_dir is not None else None
     if isinstance(user_split, (str, os.PathLike)):
         us = os.fspath(user_split)
         if not os.path.isfile(us):
             raise ValueError(f"user_split {us!r} does not exist")
-        split_key = file_digest(us)
+        split_key = file_digest(us) if cache_dir is not None else None
     elif user_split is not None:
         if not isinstance(user_split, dict):
             raise TypeError(f"user_split must be a path or a dict, got "
