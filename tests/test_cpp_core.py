@@ -28,3 +28,12 @@ def test_cmake_build_and_ctest(tmp_path):
     sh("cmake", "--build", str(build), "-j2")
     out = sh("ctest", "--test-dir", str(build), "--output-on-failure")
     assert "100% tests passed" in out, out
+
+
+def test_ci_runs_the_cmake_build():
+    # on CI (CI=true) a missing cmake must fail, not skip test_cmake_build_and_ctest unseen: the
+    # machine image carries cmake (and nvcc, for tests/test_routing_cuda_build.py)
+    if os.environ.get("CI") != "true":
+        pytest.skip("only on CI")
+    assert shutil.which("cmake") is not None, "CI has no cmake: the C++ core's ctest would skip"
+    assert shutil.which("ctest") is not None, "CI has no ctest"
