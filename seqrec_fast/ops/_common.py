@@ -109,6 +109,21 @@ def check_range(name: str, ids: Tensor, n: int, allowed: Optional[int] = None) -
     return ids
 
 
+def sequence_mask(mask, B: int, L: int, device, lengths_op) -> Tensor:
+    """The (B, L) bool mask from a bool mask (``_checks.sequence_mask``) or int lengths (B,):
+    type, device and shape checked here, the values by ``lengths_op(lengths, L)`` -> mask (an
+    opaque op, so the value check also runs inside a torch.compile'd graph)."""
+    if isinstance(mask, Tensor) and mask.dim() == 1:
+        if mask.device != device:
+            raise ValueError(f"mask is on {mask.device} but the inputs are on {device}")
+        if mask.dtype.is_floating_point or mask.dtype.is_complex or mask.dtype == torch.bool:
+            raise TypeError(f"mask as lengths (batch,) must be an integer tensor, got {mask.dtype}")
+        if mask.shape[0] != B:
+            raise ValueError(f"mask as lengths must have shape ({B},), got {tuple(mask.shape)}")
+        return lengths_op(mask, L)
+    return _checks.sequence_mask(mask, B, L, device)
+
+
 def check_float_scalar(name, value, *, lo=None, lo_open=False, hi=None, hi_open=False):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")

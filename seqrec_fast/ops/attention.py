@@ -22,7 +22,7 @@ from .. import _checks, _ext
 from .. import backend as _backend
 from ..reference.attention import attention_ref, label_aware_attention_ref
 from ._common import (FLOATS, acc_dtype, autocast_cast, autocast_dtype, compiling,
-                      deferred_error)
+                      deferred_error, sequence_mask)
 
 OP = "attention"
 
@@ -139,19 +139,6 @@ def _(lengths, seq_len):
     return lengths.new_empty((lengths.shape[0], seq_len), dtype=torch.bool)
 
 
-def _mask(mask, B, L, device):
-    """The (B, L) bool mask from a bool mask or int lengths (checked in the lengths op)."""
-    if isinstance(mask, Tensor) and mask.dim() == 1:
-        if mask.device != device:
-            raise ValueError(f"mask is on {mask.device} but the inputs are on {device}")
-        if mask.dtype.is_floating_point or mask.dtype.is_complex or mask.dtype == torch.bool:
-            raise TypeError(f"mask as lengths (batch,) must be an integer tensor, got {mask.dtype}")
-        if mask.shape[0] != B:
-            raise ValueError(f"mask as lengths must have shape ({B},), got {tuple(mask.shape)}")
-        return _lengths_mask_op(mask, L)
-    return _checks.sequence_mask(mask, B, L, device)
-
-
 def _validate(seq_emb, mask, w1, b1, w2, b2, pos_emb, return_attention):
     _checks.tensor("seq_emb", seq_emb, ndim=3, dtypes=FLOATS)
     device, dtype = seq_emb.device, seq_emb.dtype
@@ -187,7 +174,7 @@ def _validate(seq_emb, mask, w1, b1, w2, b2, pos_emb, return_attention):
         param("pos_emb", pos_emb, (L, d), "(seq_len, dim)")
     if not isinstance(return_attention, bool):
         raise TypeError(f"return_attention must be a bool, got {type(return_attention).__name__}")
-    return _mask(mask, B, L, device)
+    return sequence_mask(mask, B, L, device, _lengths_mask_op)
 
 
 def multi_interest_attention(seq_emb: Tensor, mask: Tensor, w1: Tensor, b1: Optional[Tensor],

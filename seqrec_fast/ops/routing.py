@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import _checks, _ext
 from .. import backend as _backend
 from ..reference.routing import SOFTMAX_AXES, routing_ref
-from ._common import FLOATS, acc_dtype, autocast_cast, autocast_dtype
+from ._common import FLOATS, acc_dtype, autocast_cast, autocast_dtype, sequence_mask
 
 OP = "routing"
 
@@ -240,17 +240,7 @@ def _validate(seq_emb, mask, weight, num_interests, iters, bilinear, init_logits
         what = "(dim, dim)" if bilinear == "shared" else "(seq_len, num_interests*dim, dim)"
         raise ValueError(f"weight for bilinear={bilinear!r} must have shape {what} = {want}, "
                          f"got {tuple(weight.shape)}")
-    if isinstance(mask, torch.Tensor) and mask.dim() == 1:
-        # lengths (B,): type / shape / device here, values in the opaque op (eager and compiled)
-        if mask.dtype.is_floating_point or mask.dtype.is_complex or mask.dtype == torch.bool:
-            raise TypeError(f"mask as lengths (batch,) must be an integer tensor, got {mask.dtype}")
-        if mask.device != device:
-            raise ValueError(f"mask is on {mask.device} but the inputs are on {device}")
-        if mask.shape[0] != B:
-            raise ValueError(f"mask as lengths must have shape ({B},), got {tuple(mask.shape)}")
-        mask = _lengths_mask_op(mask, L)
-    else:
-        mask = _checks.sequence_mask(mask, B, L, device)
+    mask = sequence_mask(mask, B, L, device, _lengths_mask_op)
     if init_logits is not None:
         _checks.tensor("init_logits", init_logits, ndim=3, dtypes=FLOATS, device=device)
         if tuple(init_logits.shape) != (B, K, L):
