@@ -401,15 +401,32 @@ def load_csv(path, *, user_col=None, item_col=None, time_col=None, sep: Optional
     return Interactions(user, item, time, user_tokens=user_tokens, item_tokens=item_tokens)
 
 
+def _token_index(tokens) -> Optional[dict]:
+    """A loaded column's tokens (``Interactions.user_tokens`` / ``item_tokens``) -> {token: id},
+    or None when the column held integer ids."""
+    return None if tokens is None else {t: i for i, t in enumerate(tokens.tolist())}
+
+
+def _side_file_id(raw: str, tok: Optional[dict], what: str, path: str, n: int):
+    """A user / item id as a side file (user split, item categories) writes it -> the data's id:
+    through ``tok`` (:func:`_token_index`; None for an id absent from the data), else as an
+    integer."""
+    if tok is not None:
+        return tok.get(raw)
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{path}: line {n}: {what} {raw!r} is not an integer id (the data's "
+                         f"{what} ids are integers)") from None
+
+
 def read_user_split(path, inter: Optional[Interactions] = None) -> dict:
     """A ready-made user split: lines ``user<sep>split`` (sep , or tab or spaces; an optional
     header; split: train | valid | test) -> {raw user id: split}. With ``inter``, users given
     as tokens are mapped to its ids (files whose user ids were strings)."""
     path = _check_path(path)
     out = {}
-    tok = None
-    if inter is not None and inter.user_tokens is not None:
-        tok = {t: i for i, t in enumerate(inter.user_tokens.tolist())}
+    tok = _token_index(inter.user_tokens) if inter is not None else None
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             parts = line.replace(",", " ").replace("\t", " ").split()
@@ -423,16 +440,9 @@ def read_user_split(path, inter: Optional[Interactions] = None) -> dict:
                     continue                       # a header
                 raise ValueError(f"{path}: line {n}: split must be train, valid or test, got "
                                  f"{sp!r}")
-            if tok is not None:
-                if u not in tok:
-                    continue                       # a user absent from the data
-                out[tok[u]] = sp
-            else:
-                try:
-                    out[int(u)] = sp
-                except ValueError:
-                    raise ValueError(f"{path}: line {n}: user {u!r} is not an integer id "
-                                     f"(the data's user ids are integers)") from None
+            user = _side_file_id(u, tok, "user", path, n)
+            if user is not None:                   # None: a user absent from the data
+                out[user] = sp
     if not out:
         raise ValueError(f"{path}: no 'user,split' line")
     return out
@@ -491,9 +501,7 @@ def read_item_categories(path, inter: Optional[Interactions] = None, *, item_col
     jc = pick(category_col, CATEGORY_ALIASES, 1, "category_col")
     if ji == jc:
         raise ValueError(f"{path}: the item and category columns are the same column")
-    tok = None
-    if inter is not None and inter.item_tokens is not None:
-        tok = {t: i for i, t in enumerate(inter.item_tokens.tolist())}
+    tok = _token_index(inter.item_tokens) if inter is not None else None
     raw_items, raw_cats, repeated = [], [], 0
     seen = set()
     with open(path, newline="", encoding="utf-8") as f:
@@ -508,16 +516,9 @@ def read_item_categories(path, inter: Optional[Interactions] = None, *, item_col
             cat = cat.replace("|", " ").split()[0] if cat.strip() else ""
             if not cat:
                 continue
-            if tok is not None:
-                if it not in tok:
-                    continue
-                item = tok[it]
-            else:
-                try:
-                    item = int(it)
-                except ValueError:
-                    raise ValueError(f"{path}: line {n}: item {it!r} is not an integer id (the "
-                                     f"data's item ids are integers)") from None
+            item = _side_file_id(it, tok, "item", path, n)
+            if item is None:                       # an item absent from the data
+                continue
             if item in seen:
                 repeated += 1
                 continue
