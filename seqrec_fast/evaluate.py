@@ -141,6 +141,7 @@ def _evaluate_sharded(model, split, max_len, padding, ks, batch_size, device, lo
                                 device=device, start=lo, stop=hi))
     off, rows = model.item_shard()
     items = rows.detach().float()
+    cats = None if categories is None else categories.to(items.device)   # recs' device
     parts = []
     for i in range(int(n_b.item())):
         if i < len(batches):
@@ -174,8 +175,7 @@ def _evaluate_sharded(model, split, max_len, padding, ks, batch_size, device, lo
         cand_i = torch.cat([t[mine] for t in ids_all], 1).reshape(b, -1)   # (b, K·W·topn)
         cand_s = torch.cat([t[mine] for t in sc_all], 1).reshape(b, -1)
         recs, _ = merge_topn(cand_i, cand_s, topn)
-        parts.append(per_user_metrics(recs, ptr, tgt, ks, categories=None if categories is None
-                                      else categories.to(recs.device)))
+        parts.append(per_user_metrics(recs, ptr, tgt, ks, categories=cats))
     return parts
 
 
