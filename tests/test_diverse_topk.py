@@ -208,3 +208,15 @@ def test_cuda_triton_against_literal_loop(lam):
         want = diverse_topk_ref(s, ids, cats, 30, lam)
         got = diverse_topk(s.cuda(), ids.cuda(), cats.cuda(), 30, lam, backend="triton")
         assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[0].cpu(), want[0])
+
+
+def test_bad_n_and_backend_name_the_argument():
+    s, ids, cats = make(2, 5, 10, 2)
+    with pytest.raises(TypeError, match="n must be an int"):
+        diverse_topk(s, ids, cats, 2.0, 0.1)
+    with pytest.raises(TypeError, match="n must be an int"):
+        diverse_topk(s, ids, cats, True, 0.1)
+    with pytest.raises(ValueError, match="backend"):
+        diverse_topk(s, ids, cats, 2, 0.1, backend="fast")
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        interest_candidates(torch.randn(2, 3, 4), torch.randn(6, 4), 0)
