@@ -52,6 +52,16 @@ def fp32_dot_precision() -> str:
     return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+def dot_flags(x: torch.Tensor):
+    """(CAST_F32, PREC) for ``tl.dot`` on tiles of ``x``'s dtype: half tiles are cast to fp32
+    under the interpreter (its bf16 dot is broken); fp32 operands follow torch's matmul
+    precision (``fp32_dot_precision``), other dtypes take "tf32" (ignored by half-operand
+    dots; it is what fp32 dots fed with cast half values, such as linear_cross_entropy's fp16
+    backward dL/ds, run at)."""
+    cast = interpreting() and x.dtype in (torch.float16, torch.bfloat16)
+    return cast, (fp32_dot_precision() if x.dtype == torch.float32 else "tf32")
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 for float64 inputs, float32 for every other float."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -47,8 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import LN2, LOG2E, contiguous_rows, fp32_dot_precision, gpu_tuned, interpreting, \
-    num_sms, pow2
+from ._utils import LN2, LOG2E, contiguous_rows, dot_flags, gpu_tuned, num_sms, pow2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,13 +295,6 @@ def _linear_cross_entropy_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # launch configuration
 # ----------------------------------------------------------------------------------------------
-def _dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: fp32 operands follow torch's setting (tf32 only when allowed)."""
-    if dtype == torch.float32:
-        return fp32_dot_precision()
-    return "tf32"  # bf16/fp16 operand dots ignore it; fp16 backward dL/ds dots run in tf32
-
-
 # GPU tile sizes, checked on sm_90 with bench/sm90_report.py (no spill, shared memory well
 # under 227 KB at the headline shapes, every dot a wgmma) and kept under ~100 KB of shared
 # memory so that sm_80 fits too. The bytes of one item row (BLOCK_D · element size) decide the
@@ -342,12 +334,6 @@ def _bwd_config(d: int, device, elem: int = 2):
         num_warps=8 if block_n == 128 else 4, num_stages=3 if row <= 256 else 2)
 
 
-def _dot_flags(x: torch.Tensor):
-    """(CAST_F32, PREC) for inputs like ``x``: half tiles go to fp32 under the interpreter."""
-    cast = interpreting() and x.dtype in (torch.float16, torch.bfloat16)
-    return cast, _dot_precision(x.dtype)
-
-
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
@@ -368,7 +354,7 @@ def _columns_fwd(user, items, ids, bias, off, tgt, *, C, temperature, exclude_hi
     l = torch.empty(splits, B, **f32)
     sz = torch.empty(splits, B, **f32) if smooth else m
     acc = torch.empty(splits, B, d, **f32) if compute_acc else m
-    cast, prec = _dot_flags(user)
+    cast, prec = dot_flags(user)
     dummy = m
     _linear_cross_entropy_fwd_kernel[(b_blocks, splits)](
         user, items, ids if ids is not None else dummy, bias if bias is not None else dummy,
@@ -510,7 +496,7 @@ def _columns_bwd(user, items, ids, bias, off, tgt, lse, g, *, C, N, temperature,
     else:
         dw = torch.empty(N, d, device=user.device, dtype=items.dtype)
         db = torch.empty(N, device=user.device, dtype=bias.dtype) if need_bias else dw
-    cast, prec = _dot_flags(user)
+    cast, prec = dot_flags(user)
     dz_f32 = cast or user.dtype in (torch.float16, torch.float32)
     dummy = lse
     _linear_cross_entropy_bwd_kernel[(n_blocks, b_splits)](

@@ -49,8 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype, fp32_dot_precision, gpu_tuned, interpreting, num_sms, \
-    pow2, tl_acc_dtype
+from ._utils import acc_dtype, dot_flags, gpu_tuned, num_sms, pow2, tl_acc_dtype
 
 _NEG = tl.constexpr(-1.0e30)  # finite "-inf" for masked logits (no inf - inf = NaN)
 _EPS = tl.constexpr(1e-9)  # squash epsilon, as the reference
@@ -950,14 +949,6 @@ def mind_fusable(L: int, d: int, dtype: torch.dtype) -> bool:
             and pow2(L, 16) * pow2(d, 16) <= _RESIDENT_MAX)
 
 
-def _mind_flags(x: torch.Tensor):
-    """(CAST_F32, PREC): half tiles go to fp32 before tl.dot under the interpreter (its bf16
-    dot is broken); fp32 dots follow torch's matmul precision."""
-    cast = interpreting() and x.dtype in (torch.float16, torch.bfloat16)
-    prec = fp32_dot_precision() if (x.dtype == torch.float32 or cast) else "tf32"
-    return cast, prec
-
-
 def _mind_blocks(K: int, L: int, d: int):
     BK, BL, BD = pow2(K), pow2(L, 16), pow2(d, 16)
     num_warps = max(4, min(8, (BL * BD) // (32 * _ELEMS_PER_THREAD)))
@@ -990,7 +981,7 @@ def _routing_mind_fwd(seq_emb: torch.Tensor, weight: torch.Tensor, mask: torch.T
     init = init_logits.detach().float().contiguous() if has_init else c_last
     blog = torch.empty(B, 2, K, L, dtype=torch.float32, device=dev)
     BK, BL, BD, nw = _mind_blocks(K, L, d)
-    cast, prec = _mind_flags(e)
+    cast, prec = dot_flags(e)
     _routing_mind_fwd_kernel[(B,)](
         e, w, mask_u8, init, v, c_last, s_last, blog, K, L, d,
         ITERS=int(iters), HAS_INIT=has_init, SEQ_AXIS=_seq_mode(seq_axis, seq_all),
@@ -1025,7 +1016,7 @@ def _routing_mind_bwd(grad_v: torch.Tensor, seq_emb: torch.Tensor, weight: torch
     dwp = torch.empty(P, d, d, dtype=torch.float32, device=dev)
     mask_u8 = _mask_u8(mask)
     BK, BL, BD, nw = _mind_blocks(K, L, d)
-    cast, prec = _mind_flags(e)
+    cast, prec = dot_flags(e)
     T = int(iters)
     f = dict(dtype=torch.float32, device=dev)
     has_init = False
