@@ -117,15 +117,14 @@ def parse_providers(ap, text: str, device: torch.device, op: str, extra=()) -> l
     return out
 
 
-def usable_providers(providers: str, device: torch.device) -> list:
-    """The comma list as a list, without ``triton`` on CPU unless the interpreter is on (it is
-    for tests, not for timing)."""
-    from seqrec_fast import backend
-
-    out = providers.split(",")
-    if device.type == "cpu" and "triton" in out and not backend.triton_interpreting():
-        out.remove("triton")
-    return out
+def parse_dtypes(ap, text: str, table) -> list:
+    """--dtype (a comma list of keys of ``table``) -> the names as a list; an unknown name is a
+    usage error (``ap.error``)."""
+    names = text.split(",")
+    for name in names:
+        if name not in table:
+            ap.error(f"--dtype: unknown {name!r} (choose from {sorted(table)})")
+    return names
 
 
 def routing_workspace_mib(device: torch.device):
@@ -345,12 +344,10 @@ def loss_bench_main(mod, doc: str, argv=None, extra_providers=()) -> None:
     if args.gpu_suite:  # the headline shapes only (the suite runs under a time budget)
         dtypes = "bf16,fp32"
         shapes = [s for s in shapes if s[1] >= 1_000_000]
-    for name in dtypes.split(","):
-        if name not in mod.DTYPES:
-            ap.error(f"--dtype: unknown {name!r} (choose from {sorted(mod.DTYPES)})")
+    dtype_names = parse_dtypes(ap, dtypes, mod.DTYPES)
     print_versions()
     cases = []
-    for name in dtypes.split(","):
+    for name in dtype_names:
         dtype = mod.DTYPES[name]
         provs = providers
         if args.gpu_suite and dtype == torch.float32:  # keep the suite short: no recompiles

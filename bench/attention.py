@@ -81,10 +81,7 @@ def main(argv=None):
                     help="GPU headline shapes in fp32, plus bf16 fwd+bwd at the first one")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    dtype_names = args.dtype.split(",")
-    for name in dtype_names:
-        if name not in DTYPES:
-            ap.error(f"--dtype: unknown {name!r} (choose from {sorted(DTYPES)})")
+    dtype_names = _harness.parse_dtypes(ap, args.dtype, DTYPES)
     shapes = _harness.pick_shapes(args, device, QUICK_SHAPES, GPU_SHAPES, CPU_SHAPES)
     providers = _harness.parse_providers(ap, args.providers, device, "attention")
     _harness.print_versions()

@@ -172,10 +172,7 @@ def main(argv=None):
                     help="GPU headline shape (dtypes from --dtype, fp32 by default)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    dtype_names = args.dtype.split(",")
-    for name in dtype_names:
-        if name not in DTYPES:
-            ap.error(f"--dtype: unknown {name!r} (choose from {sorted(DTYPES)})")
+    dtype_names = _harness.parse_dtypes(ap, args.dtype, DTYPES)
     if args.shapes:
         for s in args.shapes:
             if len(s.split(",")) != 5:
