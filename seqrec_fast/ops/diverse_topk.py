@@ -84,7 +84,7 @@ def _validate(scores, ids, categories, n, lam):
     if not math.isfinite(lam) or lam < 0:
         raise ValueError(f"lam must be finite and >= 0, got {lam}")
     if ids.numel() and not _checks.compiling():   # host sync; skipped under compile
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = torch.stack(torch.aminmax(ids)).tolist()   # one host read
         if lo < -1 or hi >= categories.shape[0]:
             raise ValueError(f"ids must lie in [0, {categories.shape[0]}) (the length of "
                              f"categories) or be -1 (no candidate), got range [{lo}, {hi}]")

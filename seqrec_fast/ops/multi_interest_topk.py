@@ -78,7 +78,7 @@ def _validate(interests, items, n, interest_mask, exclude):
         N = items.shape[0]
         # value check needs a host sync; skipped while torch.compile traces
         if exclude.numel() and not _checks.compiling():
-            lo, hi = int(exclude.min()), int(exclude.max())
+            lo, hi = torch.stack(torch.aminmax(exclude)).tolist()   # one host read
             if lo < -1 or hi >= N:
                 raise ValueError(f"exclude ids must lie in [0, {N}) or be -1 (padding), got "
                                  f"range [{lo}, {hi}]")
