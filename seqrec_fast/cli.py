@@ -363,8 +363,7 @@ def _run(args, argv) -> int:
         explicit = _explicit(argv)
         if args.resume:                  # the checkpoint's settings, except what was given
             kw = {k: v for k, v in kw.items() if k in explicit}
-        _train.TrainConfig(**kw)         # option errors before any work
-        res = _train.train(**kw)
+        res = _train.train(**kw)         # builds (validates) the TrainConfig before any work
         if res["rank"] != 0:
             return 0
         sps = res["steps_per_s"]
