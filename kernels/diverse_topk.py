@@ -49,10 +49,12 @@ def _diverse_topk_fwd(scores: torch.Tensor, ids: torch.Tensor, cats: torch.Tenso
     """scores (U, M) float64 sorted descending per row (-inf = invalid), ids and cats (U, M)
     int64, pen (n + 1,) float64 = lam·[0..n]. -> (scores (U, n) float64, ids (U, n) int64)."""
     U, M = scores.shape
-    out_s = torch.full((U, n), float("-inf"), dtype=torch.float64, device=scores.device)
-    out_i = torch.full((U, n), -1, dtype=torch.int64, device=scores.device)
     if U == 0 or M == 0:
-        return out_s, out_i
+        return (torch.full((U, n), float("-inf"), dtype=torch.float64, device=scores.device),
+                torch.full((U, n), -1, dtype=torch.int64, device=scores.device))
+    # every program writes all n picks of its user (-inf / -1 once nothing is live): no fill
+    out_s = torch.empty((U, n), dtype=torch.float64, device=scores.device)
+    out_i = torch.empty((U, n), dtype=torch.int64, device=scores.device)
     block_m = _utils.pow2(M, lo=16)
     kwargs = {} if _utils.interpreting() else {"num_warps": 4 if block_m <= 1024 else 8}
     _diverse_topk_fwd_kernel[(U,)](scores.contiguous(), ids.contiguous(), cats.contiguous(),

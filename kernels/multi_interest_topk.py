@@ -97,10 +97,12 @@ def _multi_interest_topk_fwd(interests: torch.Tensor, items: torch.Tensor, n: in
     U, K, D = interests.shape
     N = items.shape[0]
     dev = interests.device
-    scores = torch.full((U, n), float("-inf"), dtype=torch.float32, device=dev)
-    ids = torch.full((U, n), -1, dtype=torch.int64, device=dev)
     if U == 0 or N == 0:
-        return scores, ids
+        return (torch.full((U, n), float("-inf"), dtype=torch.float32, device=dev),
+                torch.full((U, n), -1, dtype=torch.int64, device=dev))
+    # the kernel writes every (u, j < n) entry (-inf / -1 past the N-th item): no fill
+    scores = torch.empty((U, n), dtype=torch.float32, device=dev)
+    ids = torch.empty((U, n), dtype=torch.int64, device=dev)
     q = interests.contiguous()
     it = items.contiguous()
     interp = _utils.interpreting()
@@ -120,12 +122,9 @@ def _multi_interest_topk_fwd(interests: torch.Tensor, items: torch.Tensor, n: in
     # sm_90 compile check (bench/sm90_report.py): fp32 (3xTF32) spills with 3 stages, not 2
     kwargs = {} if interp else {"num_warps": 8 if block_u * block_t >= 4096 else 4,
                                 "num_stages": 2 if dot == tl.float32 else 3}
-    prec = "ieee"   # ignored by bf16/fp16 dots
-    if dot == tl.float32:
-        # "ieee" fp32 dots lower to FMA with spills on sm_90 (DESIGN.md): 3xTF32 there instead
-        prec = _utils.fp32_dot_precision()
-        if prec == "ieee" and not interp:
-            prec = "tf32x3"
+    # fp32 dots: 3xTF32 (or tf32), never "ieee", which spills on sm_90 (fp32_dot_precision);
+    # "ieee" is ignored by bf16/fp16 dots
+    prec = _utils.fp32_dot_precision() if dot == tl.float32 else "ieee"
     _multi_interest_topk_fwd_kernel[(triton.cdiv(U, block_u),)](
         q, it, m8, ex, scores, ids, U, K, N, D, E, n,
         HAS_MASK=interest_mask is not None, HAS_EX=exclude is not None,
