@@ -251,6 +251,16 @@ def _sampled_softmax_loss(user, items, target, negatives, log_q, target_log_q,
         return sampled_softmax_sharded(user, items, target, negatives, log_q, target_log_q,
                                        in_batch_negatives, remove_accidental_hits, temperature,
                                        reduction, backend, process_group)
+    return _sampled_softmax_run(user, items, target, negatives, log_q, target_log_q,
+                                in_batch_negatives, remove_accidental_hits, temperature,
+                                reduction, backend, device)
+
+
+def _sampled_softmax_run(user, items, target, negatives, log_q, target_log_q,
+                         in_batch_negatives, remove_accidental_hits, temperature, reduction,
+                         backend, device):
+    """The loss on validated arguments (ids in range), autocast resolved: backend choice and
+    dispatch."""
     be = resolve_loss_backend(OP, backend, device, user.dtype)
     if be == "eager":
         return sampled_softmax_ref(user, items, target, negatives,
@@ -325,8 +335,8 @@ def sampled_softmax_sharded(user, items, target, negatives, log_q, target_log_q,
     mine = torch.where(owned[:, None], items[loc], torch.zeros((), dtype=items.dtype,
                                                                device=device))
     table = sum_replicated(mine, group)                       # (U, d), every rank
-    return sampled_softmax_loss(user, table, inv[:B], inv[B:].reshape(negatives.shape),
-                                log_q=log_q, target_log_q=target_log_q,
-                                in_batch_negatives=in_batch_negatives,
-                                remove_accidental_hits=remove_accidental_hits,
-                                temperature=temperature, reduction=reduction, backend=backend)
+    # the single-process loss on the candidate table; the arguments are validated already and
+    # the remapped ids lie in [0, U) by construction
+    return _sampled_softmax_run(user, table, inv[:B], inv[B:].reshape(negatives.shape), log_q,
+                                target_log_q, in_batch_negatives, remove_accidental_hits,
+                                temperature, reduction, backend, device)
