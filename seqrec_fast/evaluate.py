@@ -6,13 +6,14 @@ held-out targets with ``seqrec_fast.metrics`` (Recall / NDCG / HitRate @N).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .data.batches import eval_batches
 from .metrics import aggregate, per_user_metrics
+from .ops.diverse_topk import diverse_topk
 from .retrieval import Retriever, merge_topn
 
 
@@ -22,7 +23,8 @@ def evaluate(model, split, *, max_len: int, padding: str = "right", ks: Sequence
              max_users: Optional[int] = None, index: str = "flat", nlist: Optional[int] = None,
              nprobe: Optional[int] = None, hnsw_m: int = 32,
              ef_search: int = 128, process_group=None, categories=None,
-             lam: Optional[float] = None) -> Dict[str, float]:
+             lam: Union[None, float, Sequence[float]] = None
+             ) -> Union[Dict[str, float], List[Dict[str, float]]]:
     """Evaluate ``model`` (``user_embeddings(history, mask) -> (B, K, d)``,
     ``item_embeddings() -> (N, d)``) on an EvalSplit. Returns {"recall@k", "ndcg@k",
     "hitrate@k"} averaged over the split's users (the first ``max_users`` when given).
@@ -35,7 +37,9 @@ def evaluate(model, split, *, max_len: int, padding: str = "right", ks: Sequence
     ``categories``): for each k, the per-interest top-k lists are merged into candidates and k
     greedy picks maximise score − λ·(picked items of the same category)
     (:meth:`Retriever.recommend_diverse`; λ = 0 is the plain merge). As in ComiRec, each k is
-    its own run (the @20 list is not a prefix of the @50 one).
+    its own run (the @20 list is not a prefix of the @50 one). A list or tuple of λ gives a list
+    of metrics dicts, one per λ, from one pass: the user embeddings and the candidates are
+    computed once and only the greedy picks are repeated per λ.
 
     process_group: None, or a torch.distributed group (``"default"``) whose ranks each evaluate
     a contiguous share of the users (the model replicated on every rank); the per-user sums are
@@ -46,10 +50,17 @@ def evaluate(model, split, *, max_len: int, padding: str = "right", ks: Sequence
                                   or max_users < 1):
         raise ValueError(f"max_users must be a positive int or None, got {max_users!r}")
     n_users = split.n_users if max_users is None else min(split.n_users, max_users)
+    lams = None
     if lam is not None:
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 \
-                or lam == float("inf"):
-            raise ValueError(f"lam must be a finite number >= 0 or None, got {lam!r}")
+        lams = list(lam) if isinstance(lam, (list, tuple)) else [lam]
+        if not lams:
+            raise ValueError("lam must be a number, a non-empty list of numbers or None, got []")
+        for x in lams:
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not x >= 0 \
+                    or x == float("inf"):
+                raise ValueError(f"lam must be a finite number >= 0 (or a list of them) or "
+                                 f"None, got {x!r}")
+        lams = [float(x) for x in lams]
         if categories is None:
             raise ValueError("lam (the controllable aggregation) needs the items' categories")
     if categories is not None:
@@ -72,7 +83,7 @@ def evaluate(model, split, *, max_len: int, padding: str = "right", ks: Sequence
         if device is None:
             device = next(model.parameters()).device
         topn = max(ks)
-        parts = []
+        parts = [[] for _ in (lams or [None])]          # per λ: the batches' per-user metrics
         if sharded:
             if lam is not None:
                 raise ValueError("the controllable aggregation (lam) is not available for an item "
@@ -81,8 +92,8 @@ def evaluate(model, split, *, max_len: int, padding: str = "right", ks: Sequence
                 raise ValueError("a model whose item table is sharded across ranks is evaluated "
                                  "with the exact torch search (retriever='torch' or 'auto', "
                                  "index='flat')")
-            parts = _evaluate_sharded(model, split, max_len, padding, ks, batch_size, device,
-                                      lo, hi, group, rank, world, categories)
+            parts = [_evaluate_sharded(model, split, max_len, padding, ks, batch_size, device,
+                                       lo, hi, group, rank, world, categories)]
         else:
             ret = Retriever(model.item_embeddings(), retriever, index=index, nlist=nlist,
                             nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search)
@@ -94,22 +105,31 @@ def evaluate(model, split, *, max_len: int, padding: str = "right", ks: Sequence
                                                      batch_size=batch_size, device=device,
                                                      start=lo, stop=hi):
                 ue = model.user_embeddings(hist, mask)
-                if lam is None:
+                if lams is None:
                     recs, _ = ret.recommend(ue, topn)
-                    parts.append(per_user_metrics(recs, ptr, tgt, ks, categories=cats))
+                    parts[0].append(per_user_metrics(recs, ptr, tgt, ks, categories=cats))
                     continue
-                part = {}
+                batch = [{} for _ in lams]
                 for k in ks:                    # one aggregation run per k, as ComiRec
-                    recs, _ = ret.recommend_diverse(ue, k, cats, float(lam))
-                    part.update(per_user_metrics(recs, ptr, tgt, (k,), categories=cats))
-                parts.append(part)
+                    ids, sc = ret.candidates(ue, k)
+                    for j, x in enumerate(lams):
+                        recs = diverse_topk(sc, ids, cats, k, x)[1]
+                        batch[j].update(per_user_metrics(recs, ptr, tgt, (k,), categories=cats))
+                for j, b in enumerate(batch):
+                    parts[j].append(b)
     finally:
         model.train(was_training)
+    out = [_reduce(p, ks, categories is not None, world, group, device) for p in parts]
+    return out if isinstance(lam, (list, tuple)) else out[0]
+
+
+def _reduce(parts, ks, with_diversity, world, group, device) -> Dict[str, float]:
+    """The batches' per-user metrics -> their means over the users (of every rank)."""
     if world == 1:
         return aggregate(parts)
     import torch.distributed as dist
 
-    metrics = ("recall", "ndcg", "hitrate") + (("diversity",) if categories is not None else ())
+    metrics = ("recall", "ndcg", "hitrate") + (("diversity",) if with_diversity else ())
     names = [f"{m}@{k}" for k in ks for m in metrics]
     sums = torch.zeros(len(names) + 1, dtype=torch.float64)
     for p in parts:

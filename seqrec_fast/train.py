@@ -907,8 +907,8 @@ def evaluate_checkpoint(path: str, split: str = "test", device="auto", retriever
             raise ValueError("diversity needs item categories, and this run's data has none: "
                              "train with --item-categories FILE (or ComiRec-format or "
                              "synthetic data)")
-        m = [_eval(model, getattr(ds, split), cfg, dev, categories=cats, lam=float(lam))
-             for lam in diversity]
+        m = _eval(model, getattr(ds, split), cfg, dev, categories=cats,
+                  lam=[float(lam) for lam in diversity])
     if not with_popularity:
         return m
     return m, evaluate_popularity(ds.item_counts, getattr(ds, split), cfg.topk, categories=cats)

@@ -128,3 +128,29 @@ def test_evaluate_diversity_and_lambda():
         evaluate(model, split, max_len=3, ks=(5,), lam=0.1)
     with pytest.raises(ValueError, match="lam"):
         evaluate(model, split, max_len=3, ks=(5,), categories=cats, lam=-1.0)
+
+
+def test_evaluate_lambda_list_is_one_pass_with_the_same_numbers():
+    """A list of λ gives, per λ, exactly the single-λ result, from one pass: the user
+    embeddings are computed once per batch, not once per λ."""
+    items, _ = _data(n_items=300)
+    cats = torch.randint(0, 6, (300,), generator=torch.Generator().manual_seed(3))
+    model, split = _Model(items), _split(300, users=70)
+    calls = []
+    inner = model.user_embeddings
+    model.user_embeddings = lambda h, m: (calls.append(h.shape[0]), inner(h, m))[1]
+    lams = [0.0, 0.2, 2.0]
+    many = evaluate(model, split, max_len=3, ks=(5, 10), categories=cats, lam=lams,
+                    batch_size=32)
+    assert sum(calls) == 70                                     # one pass over the users
+    assert isinstance(many, list) and len(many) == 3
+    for x, got in zip(lams, many):
+        one = evaluate(model, split, max_len=3, ks=(5, 10), categories=cats, lam=x,
+                       batch_size=32)
+        assert got == one, x
+    assert isinstance(evaluate(model, split, max_len=3, ks=(5,), categories=cats, lam=(0.1,)),
+                      list)
+    with pytest.raises(ValueError, match="lam"):
+        evaluate(model, split, max_len=3, ks=(5,), categories=cats, lam=[])
+    with pytest.raises(ValueError, match="lam"):
+        evaluate(model, split, max_len=3, ks=(5,), categories=cats, lam=[0.1, float("nan")])
