@@ -39,13 +39,6 @@ def _kernels(backend: str):
             return C.attention_bwd_cpu(gout, gprobs, x, mask, w1, b1, w2, b2, pos, probs)
 
         return C.attention_fwd_cpu, bwd
-    if backend == "cuda" and _ext.has("attention_fwd_cuda"):
-        C = _ext._C
-
-        def bwd_cuda(gout, gprobs, x, mask, w1, b1, w2, b2, pos, out, probs):
-            return C.attention_bwd_cuda(gout, gprobs, x, mask, w1, b1, w2, b2, pos, probs)
-
-        return C.attention_fwd_cuda, bwd_cuda
     if backend == "triton":
         from seqrec_fast.kernels import attention as k
 
@@ -198,8 +191,9 @@ def multi_interest_attention(seq_emb: Tensor, mask: Tensor, w1: Tensor, b1: Opti
       pos_emb: (seq_len, dim) position embedding added to the keys only, or None.
       return_attention: also return the attention weights (batch, num_interests, seq_len)
         (differentiable).
-      backend: "auto" | "triton" | "cuda" | "cpp" | "eager" (env SEQREC_FAST_BACKEND
-        overrides "auto").
+      backend: "auto" | "triton" | "cpp" | "eager" (env SEQREC_FAST_BACKEND overrides
+        "auto"); "cuda" raises RuntimeError saying why: attention has no CUDA C++ kernel (Triton
+        is its GPU backend).
 
     All tensors share seq_emb's dtype and device. Returns interests (batch, num_interests, dim)
     [, attention]. A row whose positions are all padded gets all-zero attention, zero interests
