@@ -473,10 +473,43 @@ def test_bad_input_raises_the_same_compiled(backend):
 
 
 def test_lengths_mask_op():
-    from seqrec_fast.ops.attention import _lengths_mask_op
+    from seqrec_fast.ops._common import _lengths_mask_op
     torch.library.opcheck(_lengths_mask_op, (torch.tensor([3, 0, 5]), 5))
     assert torch.equal(_lengths_mask_op(torch.tensor([2, 0]), 3),
                        torch.tensor([[True, True, False], [False, False, False]]))
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_lengths_errors_match_routing(backend):
+    """Attention and routing share one lengths op: the same error for the same bad lengths."""
+    from seqrec_fast.ops import capsule_routing
+    tensors, _, _ = make((2, 5, 2, 8, 12), torch.float32)
+    s, w1, b1, w2, b2, p = tensors
+    w = torch.randn(8, 8)
+    for lengths in ([6, 2], [-1, 2]):
+        errs = []
+        for call in (lambda m: multi_interest_attention(s, m, w1, b1, w2, b2, backend=backend),
+                     lambda m: capsule_routing(s, m, w, num_interests=2, bilinear="shared",
+                                               backend=backend)):
+            with pytest.raises(ValueError) as e:
+                call(torch.tensor(lengths))
+            errs.append(str(e.value))
+        assert errs[0] == errs[1] and "mask lengths must lie in [0, 5]" in errs[0], errs
+
+
+@pytest.mark.cuda
+def test_cuda_lengths_never_sync():
+    """Int lengths on CUDA are checked by a device-side assert: no host sync (as routing)."""
+    tensors, _, _ = make((64, 20, 4, 32, 128), torch.float32, device="cuda")
+    s, w1, b1, w2, b2, p = tensors
+    lengths = torch.randint(0, 21, (64,), device="cuda")
+    multi_interest_attention(s, lengths, w1, b1, w2, b2, backend="triton")   # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        multi_interest_attention(s, lengths, w1, b1, w2, b2, pos_emb=p, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize("backend", ALL)

@@ -109,10 +109,42 @@ def check_range(name: str, ids: Tensor, n: int, allowed: Optional[int] = None) -
     return ids
 
 
-def sequence_mask(mask, B: int, L: int, device, lengths_op) -> Tensor:
+def _check_lengths(lengths: Tensor, seq_len: int) -> None:
+    """Every length in [0, seq_len]. Not CUDA: one host read, a ValueError. CUDA: no host sync,
+    a device-side ``torch._assert_async`` (as the catalog losses' id checks): a bad length
+    surfaces as a CUDA device-side assert at the next synchronising call, naming the mask."""
+    if lengths.numel() == 0:
+        return
+    bad = (lengths < 0) | (lengths > seq_len)
+    if lengths.device.type == "cuda":
+        torch._assert_async(torch.logical_not(bad.any()),
+                            f"mask lengths must lie in [0, {seq_len}]")
+        return
+    if bool(bad.any()):
+        lo, hi = (int(v) for v in torch.aminmax(lengths))
+        raise ValueError(f"mask lengths must lie in [0, {seq_len}], got range [{lo}, {hi}]")
+
+
+@torch.library.custom_op("seqrec_fast::lengths_mask", mutates_args=())
+def _lengths_mask_op(lengths: Tensor, seq_len: int) -> Tensor:
+    """lengths (B,) int -> mask (B, seq_len) bool, True at the first ``length`` positions,
+    after ``_check_lengths``. An opaque op, so eager and torch.compile'd code (where
+    Python-side checks of tensor values are traced away) run the same check. Shared by every
+    op that takes lengths (routing, attention): one behaviour on every device."""
+    _check_lengths(lengths, seq_len)
+    return torch.arange(seq_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+@_lengths_mask_op.register_fake
+def _(lengths, seq_len):
+    return lengths.new_empty((lengths.shape[0], seq_len), dtype=torch.bool)
+
+
+def sequence_mask(mask, B: int, L: int, device) -> Tensor:
     """The (B, L) bool mask from a bool mask (``_checks.sequence_mask``) or int lengths (B,):
-    type, device and shape checked here, the values by ``lengths_op(lengths, L)`` -> mask (an
-    opaque op, so the value check also runs inside a torch.compile'd graph)."""
+    type, device and shape checked here, the values by the opaque op
+    ``seqrec_fast::lengths_mask`` (so the value check also runs inside a torch.compile'd
+    graph): CPU a ValueError, CUDA a device-side assert (no host sync)."""
     if isinstance(mask, Tensor) and mask.dim() == 1:
         if mask.device != device:
             raise ValueError(f"mask is on {mask.device} but the inputs are on {device}")
@@ -120,7 +152,7 @@ def sequence_mask(mask, B: int, L: int, device, lengths_op) -> Tensor:
             raise TypeError(f"mask as lengths (batch,) must be an integer tensor, got {mask.dtype}")
         if mask.shape[0] != B:
             raise ValueError(f"mask as lengths must have shape ({B},), got {tuple(mask.shape)}")
-        return lengths_op(mask, L)
+        return _lengths_mask_op(mask, L)
     return _checks.sequence_mask(mask, B, L, device)
 
 

@@ -112,26 +112,6 @@ def _backward(ctx, grad_out, grad_probs):
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("seqrec_fast::attention_lengths_mask", mutates_args=())
-def _lengths_mask_op(lengths: Tensor, seq_len: int) -> Tensor:
-    """lengths (B,) int -> mask (B, seq_len) bool, True at the first ``length`` positions.
-
-    Raises ValueError for a length outside [0, seq_len]. An opaque op, so the check runs in
-    eager code and inside a torch.compile'd graph alike (Python-side checks of tensor values
-    are traced away). It reads (min, max) back: one host sync on CUDA (a bool mask needs none).
-    """
-    if lengths.numel():
-        lo, hi = (int(v) for v in torch.stack([lengths.min(), lengths.max()]).tolist())
-        if lo < 0 or hi > seq_len:
-            raise ValueError(f"mask lengths must lie in [0, {seq_len}], got range [{lo}, {hi}]")
-    return torch.arange(seq_len, device=lengths.device)[None, :] < lengths[:, None]
-
-
-@_lengths_mask_op.register_fake
-def _(lengths, seq_len):
-    return lengths.new_empty((lengths.shape[0], seq_len), dtype=torch.bool)
-
-
 def _validate(seq_emb, mask, w1, b1, w2, b2, pos_emb, return_attention):
     _checks.tensor("seq_emb", seq_emb, ndim=3, dtypes=FLOATS)
     device, dtype = seq_emb.device, seq_emb.dtype
@@ -167,7 +147,7 @@ def _validate(seq_emb, mask, w1, b1, w2, b2, pos_emb, return_attention):
         param("pos_emb", pos_emb, (L, d), "(seq_len, dim)")
     if not isinstance(return_attention, bool):
         raise TypeError(f"return_attention must be a bool, got {type(return_attention).__name__}")
-    return sequence_mask(mask, B, L, device, _lengths_mask_op)
+    return sequence_mask(mask, B, L, device)
 
 
 def multi_interest_attention(seq_emb: Tensor, mask: Tensor, w1: Tensor, b1: Optional[Tensor],
@@ -183,9 +163,10 @@ def multi_interest_attention(seq_emb: Tensor, mask: Tensor, w1: Tensor, b1: Opti
     Args:
       seq_emb: (batch, seq_len, dim) item embeddings, fp32/bf16/fp16/fp64.
       mask: (batch, seq_len) bool, True at real items (any pattern), or int lengths (batch,)
-        meaning the first ``length`` positions are real (a length outside [0, seq_len] is a
-        ValueError, under torch.compile too; checking lengths costs one host sync on CUDA, a
-        bool mask none).
+        meaning the first ``length`` positions are real. A length outside [0, seq_len] is a
+        ValueError on CPU, eager and under torch.compile alike; on CUDA it is checked without
+        a host sync, by a device-side assert (the error surfaces at the next synchronising
+        call), compiled or not — as ``capsule_routing``.
       w1: (dim, hidden) (ComiRec: hidden = 4·dim); b1: (hidden,) or None.
       w2: (hidden, num_interests); b2: (num_interests,) or None.
       pos_emb: (seq_len, dim) position embedding added to the keys only, or None.

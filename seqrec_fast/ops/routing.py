@@ -184,40 +184,6 @@ def _mind_fused(be: str, bilinear: str, seq_emb: Tensor) -> bool:
     return k.mind_fusable(seq_emb.shape[1], seq_emb.shape[2], seq_emb.dtype)
 
 
-def _lengths_message(lengths: Tensor, seq_len: int) -> str:
-    return (f"mask lengths must lie in [0, {seq_len}], got range "
-            f"[{int(lengths.min())}, {int(lengths.max())}]")
-
-
-def _check_lengths(lengths: Tensor, seq_len: int) -> None:
-    """Every length in [0, seq_len]. Not CUDA: one host read, a ValueError. CUDA: no host sync,
-    a device-side ``torch._assert_async`` (as the catalog losses' id checks): a bad length
-    surfaces as a CUDA device-side assert at the next synchronising call, naming the mask."""
-    if lengths.numel() == 0:
-        return
-    bad = (lengths < 0) | (lengths > seq_len)
-    if lengths.device.type == "cuda":
-        torch._assert_async(torch.logical_not(bad.any()),
-                            f"mask lengths must lie in [0, {seq_len}]")
-        return
-    if bool(bad.any()):
-        raise ValueError(_lengths_message(lengths, seq_len))
-
-
-@torch.library.custom_op("seqrec_fast::routing_lengths_mask", mutates_args=())
-def _lengths_mask_op(lengths: Tensor, seq_len: int) -> Tensor:
-    """lengths (B,) int -> mask (B, seq_len) bool, True at the first ``length`` positions,
-    after ``_check_lengths``. An opaque op, so eager and torch.compile'd code (where
-    Python-side checks of tensor values are traced away) run the same check."""
-    _check_lengths(lengths, seq_len)
-    return torch.arange(seq_len, device=lengths.device)[None, :] < lengths[:, None]
-
-
-@_lengths_mask_op.register_fake
-def _(lengths, seq_len):
-    return lengths.new_empty((lengths.shape[0], seq_len), dtype=torch.bool)
-
-
 def _validate(seq_emb, mask, weight, num_interests, iters, bilinear, init_logits, softmax_axis,
               detach_routing):
     _checks.tensor("seq_emb", seq_emb, ndim=3, dtypes=FLOATS)
@@ -240,7 +206,7 @@ def _validate(seq_emb, mask, weight, num_interests, iters, bilinear, init_logits
         what = "(dim, dim)" if bilinear == "shared" else "(seq_len, num_interests*dim, dim)"
         raise ValueError(f"weight for bilinear={bilinear!r} must have shape {what} = {want}, "
                          f"got {tuple(weight.shape)}")
-    mask = sequence_mask(mask, B, L, device, _lengths_mask_op)
+    mask = sequence_mask(mask, B, L, device)
     if init_logits is not None:
         _checks.tensor("init_logits", init_logits, ndim=3, dtypes=FLOATS, device=device)
         if tuple(init_logits.shape) != (B, K, L):
