@@ -3,6 +3,7 @@
     python bench/routing.py                 # headline shapes for the device (CPU: 1024,50,4,64)
     python bench/routing.py --quick         # CI-sized run
     python bench/routing.py --shapes 4096,50,4,64 --dtype bf16 --providers eager,triton
+    python bench/routing.py --variants mind_seq,dr_seq   # torch-rechub's softmax over the sequence
 
 Prints a Markdown table (median ms with 20/80 percentiles, peak MiB, speed-up vs torch.compile
 or eager) and appends rows to bench/results/routing.csv.
@@ -25,7 +26,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_SHAPES = [(4096, 50, 4, 64), (8192, 200, 8, 64), (1024, 20, 4, 16)]
 CPU_SHAPES = [(1024, 50, 4, 64)]
 QUICK_SHAPES = [(128, 20, 4, 32)]
-VARIANTS = {"mind": "shared", "dr": "per_position"}
+# variant -> capsule_routing options. "*_seq": torch-rechub's CapsuleNetwork (softmax over the
+# sequence axis, padded positions in the denominator: softmax_axis="sequence").
+VARIANTS = {"mind": dict(bilinear="shared"), "dr": dict(bilinear="per_position"),
+            "mind_seq": dict(bilinear="shared", softmax_axis="sequence"),
+            "dr_seq": dict(bilinear="per_position", softmax_axis="sequence")}
 
 
 def make_inputs(shape, variant, dtype, device, seed=0):
@@ -34,7 +39,7 @@ def make_inputs(shape, variant, dtype, device, seed=0):
     seq = torch.randn(b, l, d, generator=g).mul_(0.5).to(device=device, dtype=dtype)
     lengths = torch.randint(1, l + 1, (b,), generator=g)
     mask = (torch.arange(l)[None, :] < lengths[:, None]).to(device)
-    if VARIANTS[variant] == "shared":
+    if VARIANTS[variant]["bilinear"] == "shared":
         w = torch.randn(d, d, generator=g) / d ** 0.5
         init = torch.randn(b, k, l, generator=g).to(device)
     else:
@@ -51,8 +56,7 @@ def build_cases(shapes, variants, dtype, device, providers, modes):
     for shape in shapes:
         for variant in variants:
             seq, mask, w, init = make_inputs(shape, variant, dtype, device)
-            kw = dict(num_interests=shape[2], iters=3, bilinear=VARIANTS[variant],
-                      init_logits=init)
+            kw = dict(num_interests=shape[2], iters=3, init_logits=init, **VARIANTS[variant])
             fns = {}
             for p in providers:
                 args = (seq, mask, w)
@@ -79,7 +83,9 @@ def main(argv=None):
     ap = _harness.base_parser(__doc__, "eager,compile,triton,cuda,cpp", "fwd,fwd+bwd")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--shapes", nargs="*", help="B,L,K,d ...")
-    ap.add_argument("--variants", default="mind,dr")
+    ap.add_argument("--variants", default="mind,dr",
+                    help=f"comma list of {', '.join(VARIANTS)} (*_seq: torch-rechub's softmax "
+                         f"over the sequence axis)")
     args = ap.parse_args(argv)
     bad = [v for v in args.variants.split(",") if v not in VARIANTS]
     if bad:

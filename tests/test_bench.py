@@ -37,6 +37,18 @@ def test_bench_quick_runs(tmp_path, script, providers, ours):
     assert all(float(row["ms"]) > 0 for row in rows)
 
 
+def test_bench_routing_rechub_variants(tmp_path):
+    """torch-rechub's softmax over the sequence axis has its own rows (mind_seq, dr_seq)."""
+    if "cpp" not in fused_backends("routing"):
+        pytest.skip("the C++ extension is not built")
+    r, out = _run("routing", "--quick", "--variants", "mind_seq,dr_seq", "--providers",
+                  "eager,cpp", "--reps", "1", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader(open(out)))
+    assert {(row["variant"], row["provider"]) for row in rows} == {
+        (v, p) for v in ("mind_seq", "dr_seq") for p in ("eager", "cpp")}
+
+
 def test_bench_bad_options_are_usage_errors(tmp_path):
     r, _ = _run("routing", "--variants", "comirec-dr", tmp_path=tmp_path)
     assert r.returncode == 2 and "--variants: unknown" in r.stderr
