@@ -414,6 +414,85 @@ def _bwd_chunk(l0, ut, blog_i, gb_in, gb_out, mask_row, gs, m_i, inv_i, g_v_next
     return g_v_next, ssum, pu_pad
 
 
+@triton.jit
+def _iter_norm(mall_row, dall_row, i, kk, kvalid, K, SEQ_AXIS: tl.constexpr,
+               PER_POS: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """(max, 1/denominator) of iteration i's softmax over the sequence axis, as the forward
+    recompute saved them; zeros (unused) for the softmax over interests."""
+    if SEQ_AXIS:
+        m_i = tl.load(mall_row + i * K + kk, mask=kvalid, other=0.0)
+        inv_i = _inv_den(tl.load(dall_row + i * K + kk, mask=kvalid, other=0.0))
+    else:
+        m_i = _zeros_k(PER_POS, BLOCK_K, ACC)
+        inv_i = m_i
+    return m_i, inv_i
+
+
+@triton.jit
+def _reverse_head(i, g_v, sall_row, gs_row, mall_row, dall_row, kk, kvalid, kd_off, kd_msk, K,
+                  KD, SEQ_AXIS: tl.constexpr, PER_POS: tl.constexpr, BLOCK_K: tl.constexpr,
+                  ACC: tl.constexpr):
+    """Reverse iteration i before its pass over u: g_s_i = squash_bwd(s_i, g_v), stored to its
+    scratch slot. -> (s_i, g_s_i, max_i, 1/den_i)."""
+    s_i = tl.load(sall_row + i * KD + kd_off, mask=kd_msk, other=0.0)
+    gs = _squash_bwd(s_i, g_v, PER_POS)
+    tl.store(gs_row + i * KD + kd_off, gs, mask=kd_msk)
+    m_i, inv_i = _iter_norm(mall_row, dall_row, i, kk, kvalid, K, SEQ_AXIS, PER_POS, BLOCK_K,
+                            ACC)
+    return s_i, gs, m_i, inv_i
+
+
+@triton.jit
+def _reverse_resident(u_res, g_v, blog_row, sall_row, mall_row, dall_row, gs_row, gb_row,
+                      mask_row, kk, ll, kvalid, kd_off, kd_msk, K, L, KL, KD,
+                      ITERS: tl.constexpr, SEQ_AXIS: tl.constexpr, PER_POS: tl.constexpr,
+                      ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """Reverse iterations T-1 .. 1 with u register-resident (one chunk: g_c and the next g_v
+    from one pass over u each; iteration 0 needs none, its logits are constant), then
+    g_s_0 stored. Shared by ``_routing_bwd_kernel`` (ONE_CHUNK) and the fused MIND backward.
+    -> u_res (kept live through ``_opaque``)."""
+    for ii in range(ITERS - 1):
+        i = ITERS - 1 - ii
+        s_i, gs, m_i, inv_i = _reverse_head(i, g_v, sall_row, gs_row, mall_row, dall_row, kk,
+                                            kvalid, kd_off, kd_msk, K, KD, SEQ_AXIS, PER_POS,
+                                            BLOCK_K, ACC)
+        g_v_next, ssum, pu_pad = _bwd_chunk(
+            0, u_res, blog_row + i * KL, gb_row + i * KL, gb_row + (i - 1) * KL, mask_row, gs,
+            m_i, inv_i, _zeros_kd(PER_POS, BLOCK_K, BLOCK_D, ACC), _zeros_k(PER_POS, BLOCK_K, ACC),
+            _zeros_kd(PER_POS, BLOCK_K, BLOCK_D, ACC), kk, ll, kvalid, L, SEQ_AXIS, PER_POS,
+            False, ACC, BLOCK_K, BLOCK_L, BLOCK_D)
+        u_res = _opaque(u_res, L)
+        tl.debug_barrier()
+        g_v = g_v_next
+    s_0 = tl.load(sall_row + kd_off, mask=kd_msk, other=0.0)
+    tl.store(gs_row + kd_off, _squash_bwd(s_0, g_v, PER_POS), mask=kd_msk)
+    tl.debug_barrier()
+    return u_res
+
+
+@triton.jit
+def _grad_u_chunk(l, mrow, blog_row, sall_row, mall_row, dall_row, gs_row, gb_row, kk, kvalid,
+                  kd_off, kd_msk, kl_off, kl_msk, K, L, KL, KD, ITERS: tl.constexpr,
+                  SEQ_AXIS: tl.constexpr, PER_POS: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """grad_u of one chunk of positions = sum_i c_i[k,l] g_s_i[k,:] + g_b_{i+1}[k,l] v_i[k,:]
+    (u's layout, ACC), from the scratch the reverse pass filled (g_b slot T-1 holds zeros)."""
+    mf = mrow.to(ACC)
+    acc = _zeros_u(PER_POS, BLOCK_K, BLOCK_L, BLOCK_D, ACC)
+    for i in range(ITERS):
+        m_i, inv_i = _iter_norm(mall_row, dall_row, i, kk, kvalid, K, SEQ_AXIS, PER_POS,
+                                BLOCK_K, ACC)
+        bl = tl.load(blog_row + i * KL + kl_off, mask=kl_msk, other=0.0)
+        c = _probs(bl, kvalid, _softmax_row(mrow, l, L, SEQ_AXIS), m_i, inv_i, SEQ_AXIS) * mf
+        gs_i = tl.load(gs_row + i * KD + kd_off, mask=kd_msk, other=0.0)
+        g_b = tl.load(gb_row + i * KL + kl_off, mask=kl_msk, other=0.0)  # 0 at i = T-1
+        v_i = _squash(tl.load(sall_row + i * KD + kd_off, mask=kd_msk, other=0.0), PER_POS)
+        acc = _outer_acc(acc, c, gs_i, kk, PER_POS, BLOCK_K)
+        acc = _outer_acc(acc, g_b, v_i, kk, PER_POS, BLOCK_K)
+    return acc
+
+
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _routing_fwd_kernel(u_ptr, mask_ptr, init_ptr, v_ptr, c_ptr, s_ptr, blog_ptr,
@@ -519,28 +598,21 @@ def _routing_bwd_kernel(gv_ptr, u_ptr, mask_ptr, init_ptr, c_ptr, s_ptr, gu_ptr,
             kk, ll, dd, lu, du, K, L, D, sUk, sUl, KL, False,
             ITERS, HAS_INIT, SEQ_AXIS, PER_POS, ONE_CHUNK, True, ACC, BLOCK_K, BLOCK_L, BLOCK_D)
         # ---- reverse iterations T-1 .. 1 (iteration 0 needs no pass over u: init is constant)
-        g_v = gv
-        for ii in range(ITERS - 1):
-            i = ITERS - 1 - ii
-            s_i = tl.load(sall_row + i * KD + kd_off, mask=kd_msk, other=0.0)
-            gs = _squash_bwd(s_i, g_v, PER_POS)
-            tl.store(gs_row + i * KD + kd_off, gs, mask=kd_msk)
-            if SEQ_AXIS:
-                m_i = tl.load(mall_row + i * K + kk, mask=kvalid, other=0.0)
-                inv_i = _inv_den(tl.load(dall_row + i * K + kk, mask=kvalid, other=0.0))
-            else:
-                m_i = _zeros_k(PER_POS, BLOCK_K, ACC)
-                inv_i = m_i
-            g_v_next = _zeros_kd(PER_POS, BLOCK_K, BLOCK_D, ACC)
-            ssum = _zeros_k(PER_POS, BLOCK_K, ACC)
-            pu_pad = _zeros_kd(PER_POS, BLOCK_K, BLOCK_D, ACC)
-            if ONE_CHUNK:
-                g_v_next, ssum, pu_pad = _bwd_chunk(
-                    0, u_res, blog_row + i * KL, gb_row + i * KL, gb_row + (i - 1) * KL,
-                    mask_row, gs, m_i, inv_i, g_v_next, ssum, pu_pad, kk, ll, kvalid, L, SEQ_AXIS,
-                    PER_POS, False, ACC, BLOCK_K, BLOCK_L, BLOCK_D)
-                u_res = _opaque(u_res, L)
-            else:
+        if ONE_CHUNK:
+            u_res = _reverse_resident(u_res, gv, blog_row, sall_row, mall_row, dall_row, gs_row,
+                                      gb_row, mask_row, kk, ll, kvalid, kd_off, kd_msk, K, L,
+                                      KL, KD, ITERS, SEQ_AXIS, PER_POS, ACC, BLOCK_K, BLOCK_L,
+                                      BLOCK_D)
+        else:
+            g_v = gv
+            for ii in range(ITERS - 1):
+                i = ITERS - 1 - ii
+                s_i, gs, m_i, inv_i = _reverse_head(i, g_v, sall_row, gs_row, mall_row,
+                                                    dall_row, kk, kvalid, kd_off, kd_msk, K, KD,
+                                                    SEQ_AXIS, PER_POS, BLOCK_K, ACC)
+                g_v_next = _zeros_kd(PER_POS, BLOCK_K, BLOCK_D, ACC)
+                ssum = _zeros_k(PER_POS, BLOCK_K, ACC)
+                pu_pad = _zeros_kd(PER_POS, BLOCK_K, BLOCK_D, ACC)
                 for l0 in range(0, L, BLOCK_L):
                     ut = _load_u(u_row, l0, kk, lu, du, K, L, D, sUk, sUl, PER_POS, ACC)
                     g_v_next, ssum, pu_pad = _bwd_chunk(
@@ -562,34 +634,19 @@ def _routing_bwd_kernel(gv_ptr, u_ptr, mask_ptr, init_ptr, c_ptr, s_ptr, gu_ptr,
                         gbp = gb_row + (i - 1) * KL + kl_off
                         g_b = tl.load(gbp, mask=kl_msk, other=0.0)
                         tl.store(gbp, g_b - ssum * p, mask=kl_msk)
+                tl.debug_barrier()
+                g_v = g_v_next
+            s_0 = tl.load(sall_row + kd_off, mask=kd_msk, other=0.0)
+            tl.store(gs_row + kd_off, _squash_bwd(s_0, g_v, PER_POS), mask=kd_msk)
             tl.debug_barrier()
-            g_v = g_v_next
-        s_0 = tl.load(sall_row + kd_off, mask=kd_msk, other=0.0)
-        tl.store(gs_row + kd_off, _squash_bwd(s_0, g_v, PER_POS), mask=kd_msk)
-        tl.debug_barrier()
         # ---- grad_u = sum_i c_i[k,l] g_s_i[k,:] + g_b_{i+1}[k,l] v_i[k,:]
         for l0 in range(0, L, BLOCK_L):
             l = l0 + ll
-            mrow = _mask_row(mask_row, l0, ll, L)
-            mf = mrow.to(ACC)
-            kl_off = kk * L + l
             kl_msk = kvalid & (l < L)
-            acc = _zeros_u(PER_POS, BLOCK_K, BLOCK_L, BLOCK_D, ACC)
-            for i in range(ITERS):
-                if SEQ_AXIS:
-                    m_i = tl.load(mall_row + i * K + kk, mask=kvalid, other=0.0)
-                    inv_i = _inv_den(tl.load(dall_row + i * K + kk, mask=kvalid, other=0.0))
-                else:
-                    m_i = _zeros_k(PER_POS, BLOCK_K, ACC)
-                    inv_i = m_i
-                bl = tl.load(blog_row + i * KL + kl_off, mask=kl_msk, other=0.0)
-                c = _probs(bl, kvalid, _softmax_row(mrow, l, L, SEQ_AXIS), m_i, inv_i,
-                           SEQ_AXIS) * mf
-                gs_i = tl.load(gs_row + i * KD + kd_off, mask=kd_msk, other=0.0)
-                g_b = tl.load(gb_row + i * KL + kl_off, mask=kl_msk, other=0.0)  # 0 at i = T-1
-                v_i = _squash(tl.load(sall_row + i * KD + kd_off, mask=kd_msk, other=0.0), PER_POS)
-                acc = _outer_acc(acc, c, gs_i, kk, PER_POS, BLOCK_K)
-                acc = _outer_acc(acc, g_b, v_i, kk, PER_POS, BLOCK_K)
+            acc = _grad_u_chunk(l, _mask_row(mask_row, l0, ll, L), blog_row, sall_row, mall_row,
+                                dall_row, gs_row, gb_row, kk, kvalid, kd_off, kd_msk, kk * L + l,
+                                kl_msk, K, L, KL, KD, ITERS, SEQ_AXIS, PER_POS, ACC, BLOCK_K,
+                                BLOCK_L, BLOCK_D)
             ptrs, msk = _u_ptrs(gu_row, l0, kk, lu, du, K, L, D, sUk, sUl, PER_POS)
             tl.store(ptrs, acc.to(gu_ptr.dtype.element_ty), mask=msk)
 
@@ -661,7 +718,8 @@ def _mind_bwd_full_row(u_res, gv, mask_row, init_row, blog_row, sall_row, mall_r
                        ITERS: tl.constexpr, HAS_INIT: tl.constexpr, SEQ_AXIS: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """grad_u (BLOCK_L, BLOCK_D) of one row through every routing iteration, u register-resident
-    (shared layout): ``_routing_bwd_kernel``'s non-detached ONE_CHUNK branch, returning grad_u
+    (shared layout): the same helpers as ``_routing_bwd_kernel``'s non-detached ONE_CHUNK
+    branch (``_fwd_iterations``, ``_reverse_resident``, ``_grad_u_chunk``), returning grad_u
     instead of storing it. Scratch rows as there; gb_row's slot ITERS-1 must hold zeros."""
     KL = K * L
     KD = K * D
@@ -672,48 +730,13 @@ def _mind_bwd_full_row(u_res, gv, mask_row, init_row, blog_row, sall_row, mall_r
         gs_row, u_res, mask_row, init_row, blog_row, sall_row, mall_row, dall_row,
         kk, ll, dd, lu, du, K, L, D, 0, D, KL, False,
         ITERS, HAS_INIT, SEQ_AXIS, False, True, True, tl.float32, BLOCK_K, BLOCK_L, BLOCK_D)
-    g_v = gv
-    for ii in range(ITERS - 1):
-        i = ITERS - 1 - ii
-        s_i = tl.load(sall_row + i * KD + kd_off, mask=kd_msk, other=0.0)
-        gs = _squash_bwd(s_i, g_v, False)
-        tl.store(gs_row + i * KD + kd_off, gs, mask=kd_msk)
-        if SEQ_AXIS:
-            m_i = tl.load(mall_row + i * K + kk, mask=kvalid, other=0.0)
-            inv_i = _inv_den(tl.load(dall_row + i * K + kk, mask=kvalid, other=0.0))
-        else:
-            m_i = _zeros_k(False, BLOCK_K, tl.float32)
-            inv_i = m_i
-        g_v_next, ssum, pu_pad = _bwd_chunk(
-            0, u_res, blog_row + i * KL, gb_row + i * KL, gb_row + (i - 1) * KL, mask_row, gs,
-            m_i, inv_i, _zeros_kd(False, BLOCK_K, BLOCK_D, tl.float32),
-            _zeros_k(False, BLOCK_K, tl.float32), _zeros_kd(False, BLOCK_K, BLOCK_D, tl.float32),
-            kk, ll, kvalid, L, SEQ_AXIS, False, False, tl.float32, BLOCK_K, BLOCK_L, BLOCK_D)
-        u_res = _opaque(u_res, L)
-        tl.debug_barrier()
-        g_v = g_v_next
-    s_0 = tl.load(sall_row + kd_off, mask=kd_msk, other=0.0)
-    tl.store(gs_row + kd_off, _squash_bwd(s_0, g_v, False), mask=kd_msk)
-    tl.debug_barrier()
-    mrow = _mask_row(mask_row, 0, ll, L)
-    mf = mrow.to(tl.float32)
-    kl_off = kk * L + ll
-    kl_msk = kvalid & (ll < L)
-    acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-    for i in range(ITERS):
-        if SEQ_AXIS:
-            m_i = tl.load(mall_row + i * K + kk, mask=kvalid, other=0.0)
-            inv_i = _inv_den(tl.load(dall_row + i * K + kk, mask=kvalid, other=0.0))
-        else:
-            m_i = _zeros_k(False, BLOCK_K, tl.float32)
-            inv_i = m_i
-        bl = tl.load(blog_row + i * KL + kl_off, mask=kl_msk, other=0.0)
-        c = _probs(bl, kvalid, _softmax_row(mrow, ll, L, SEQ_AXIS), m_i, inv_i, SEQ_AXIS) * mf
-        gs_i = tl.load(gs_row + i * KD + kd_off, mask=kd_msk, other=0.0)
-        g_b = tl.load(gb_row + i * KL + kl_off, mask=kl_msk, other=0.0)  # 0 at i = T-1
-        v_i = _squash(tl.load(sall_row + i * KD + kd_off, mask=kd_msk, other=0.0), False)
-        acc = _outer_acc(acc, c, gs_i, kk, False, BLOCK_K)
-        acc = _outer_acc(acc, g_b, v_i, kk, False, BLOCK_K)
+    u_res = _reverse_resident(u_res, gv, blog_row, sall_row, mall_row, dall_row, gs_row, gb_row,
+                              mask_row, kk, ll, kvalid, kd_off, kd_msk, K, L, KL, KD, ITERS,
+                              SEQ_AXIS, False, tl.float32, BLOCK_K, BLOCK_L, BLOCK_D)
+    acc = _grad_u_chunk(ll, _mask_row(mask_row, 0, ll, L), blog_row, sall_row, mall_row,
+                        dall_row, gs_row, gb_row, kk, kvalid, kd_off, kd_msk, kk * L + ll,
+                        kvalid & (ll < L), K, L, KL, KD, ITERS, SEQ_AXIS, False, tl.float32,
+                        BLOCK_K, BLOCK_L, BLOCK_D)
     tl.debug_barrier()  # the scratch is the next row's
     return acc
 
