@@ -493,6 +493,30 @@ def _grad_u_chunk(l, mrow, blog_row, sall_row, mall_row, dall_row, gs_row, gb_ro
     return acc
 
 
+@triton.jit
+def _fwd_epilogue(v_ptr, s_ptr, c_row, blog_row, mask_row, b, s, v, m_run, den, kk, ll, dd,
+                  K, L, D, ITERS: tl.constexpr, SEQ_AXIS: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK_L: tl.constexpr):
+    """Store v (in v_ptr's dtype) and s_last of row b, then c_last from the last iteration's
+    logits (ping-pong slot (T-1) % 2), zero at padded positions."""
+    kvalid = kk < K
+    kd_off = b * K * D + kk * D + dd
+    kd_msk = kvalid & (dd < D)
+    tl.store(v_ptr + kd_off, v.to(v_ptr.dtype.element_ty), mask=kd_msk)
+    tl.store(s_ptr + kd_off, s, mask=kd_msk)
+    inv_den = _inv_den(den)
+    last_slot = blog_row + ((ITERS - 1) % 2) * K * L
+    for l0 in range(0, L, BLOCK_L):
+        l = l0 + ll
+        mrow = _mask_row(mask_row, l0, ll, L)
+        kl_off = kk * L + l
+        kl_msk = kvalid & (l < L)
+        bl = tl.load(last_slot + kl_off, mask=kl_msk, other=0.0)
+        c = _probs(bl, kvalid, _softmax_row(mrow, l, L, SEQ_AXIS), m_run, inv_den,
+                   SEQ_AXIS) * mrow.to(ACC)
+        tl.store(c_row + kl_off, c, mask=kl_msk)
+
+
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _routing_fwd_kernel(u_ptr, mask_ptr, init_ptr, v_ptr, c_ptr, s_ptr, blog_ptr,
@@ -508,7 +532,6 @@ def _routing_fwd_kernel(u_ptr, mask_ptr, init_ptr, v_ptr, c_ptr, s_ptr, blog_ptr
     """
     b = tl.program_id(0).to(tl.int64)
     kk, ll, dd, lu, du = _indices(PER_POS, BLOCK_K, BLOCK_L, BLOCK_D)
-    kvalid = kk < K
     u_row = u_ptr + b * sUb
     mask_row = mask_ptr + b * L
     init_row = init_ptr + b * K * L
@@ -522,22 +545,8 @@ def _routing_fwd_kernel(u_ptr, mask_ptr, init_ptr, v_ptr, c_ptr, s_ptr, blog_ptr
         u_row, u_res, mask_row, init_row, blog_row, c_row, c_row, c_row,
         kk, ll, dd, lu, du, K, L, D, sUk, sUl, K * L, True,
         ITERS, HAS_INIT, SEQ_AXIS, PER_POS, ONE_CHUNK, False, ACC, BLOCK_K, BLOCK_L, BLOCK_D)
-    kd_off = b * K * D + kk * D + dd
-    kd_msk = kvalid & (dd < D)
-    tl.store(v_ptr + kd_off, v.to(v_ptr.dtype.element_ty), mask=kd_msk)
-    tl.store(s_ptr + kd_off, s, mask=kd_msk)
-    # c of the last iteration, from its logits (slot (T-1) % 2)
-    inv_den = _inv_den(den)
-    last_slot = blog_row + ((ITERS - 1) % 2) * K * L
-    for l0 in range(0, L, BLOCK_L):
-        l = l0 + ll
-        mrow = _mask_row(mask_row, l0, ll, L)
-        kl_off = kk * L + l
-        kl_msk = kvalid & (l < L)
-        bl = tl.load(last_slot + kl_off, mask=kl_msk, other=0.0)
-        c = _probs(bl, kvalid, _softmax_row(mrow, l, L, SEQ_AXIS), m_run, inv_den,
-                   SEQ_AXIS) * mrow.to(ACC)
-        tl.store(c_row + kl_off, c, mask=kl_msk)
+    _fwd_epilogue(v_ptr, s_ptr, c_row, blog_row, mask_row, b, s, v, m_run, den, kk, ll, dd, K, L,
+                  D, ITERS, SEQ_AXIS, ACC, BLOCK_L)
 
 
 @triton.jit
@@ -680,7 +689,6 @@ def _routing_mind_fwd_kernel(e_ptr, w_ptr, mask_ptr, init_ptr, v_ptr, c_ptr, s_p
     """
     b = tl.program_id(0).to(tl.int64)
     kk, ll, dd, lu, du = _indices(False, BLOCK_K, BLOCK_L, BLOCK_D)
-    kvalid = kk < K
     e = _mind_e_tile(e_ptr, mask_ptr, b, lu, du, L, D, SEQ_AXIS)
     ii = tl.arange(0, BLOCK_D)[:, None]  # input feature
     oo = tl.arange(0, BLOCK_D)[None, :]  # output feature
@@ -697,19 +705,8 @@ def _routing_mind_fwd_kernel(e_ptr, w_ptr, mask_ptr, init_ptr, v_ptr, c_ptr, s_p
         e_ptr, u_res, mask_row, init_row, blog_row, c_row, c_row, c_row,
         kk, ll, dd, lu, du, K, L, D, 0, D, K * L, True,
         ITERS, HAS_INIT, SEQ_AXIS, False, True, False, tl.float32, BLOCK_K, BLOCK_L, BLOCK_D)
-    kd_off = b * K * D + kk * D + dd
-    kd_msk = kvalid & (dd < D)
-    tl.store(v_ptr + kd_off, v.to(v_ptr.dtype.element_ty), mask=kd_msk)
-    tl.store(s_ptr + kd_off, s, mask=kd_msk)
-    inv_den = _inv_den(den)
-    last_slot = blog_row + ((ITERS - 1) % 2) * K * L
-    mrow = _mask_row(mask_row, 0, ll, L)
-    kl_off = kk * L + ll
-    kl_msk = kvalid & (ll < L)
-    bl = tl.load(last_slot + kl_off, mask=kl_msk, other=0.0)
-    c = _probs(bl, kvalid, _softmax_row(mrow, ll, L, SEQ_AXIS), m_run, inv_den,
-               SEQ_AXIS) * mrow.to(tl.float32)
-    tl.store(c_row + kl_off, c, mask=kl_msk)
+    _fwd_epilogue(v_ptr, s_ptr, c_row, blog_row, mask_row, b, s, v, m_run, den, kk, ll, dd, K, L,
+                  D, ITERS, SEQ_AXIS, tl.float32, BLOCK_L)
 
 
 @triton.jit
