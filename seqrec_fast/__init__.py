@@ -6,7 +6,9 @@ __version__ = "0.1.0"
 from . import _ext, backend  # noqa: E402
 from . import ops, nn, reference  # noqa: E402,F401
 
-OPS = ("routing", "attention", "linear_cross_entropy", "sampled_softmax")
+# every op with a backend choice (the ``OP`` name of its module in seqrec_fast.ops)
+OPS = ("routing", "attention", "linear_cross_entropy", "sampled_softmax", "multi_interest_topk",
+       "diverse_topk")
 
 
 def info() -> dict:

@@ -1,4 +1,5 @@
-"""Command line: ``seqrec-fast train|evaluate|plot|sampler-bench`` (also ``python -m seqrec_fast``).
+"""Command line: ``seqrec-fast train|evaluate|plot|info|sampler-bench`` (also
+``python -m seqrec_fast``).
 
   seqrec-fast train --model comirec-dr --data synthetic          # the CPU demo
   seqrec-fast train --model mind --data log.csv --loss full --steps 20000 --device cuda --bf16
@@ -7,6 +8,7 @@
   seqrec-fast evaluate runs/dr/best.pt --split test --faiss-index ivf
   torchrun --nproc_per_node 4 -m seqrec_fast train --model comirec-sa --data log.csv   # DDP
   seqrec-fast plot runs/comirec-dr runs/youtubednn --out plots   # t-SNE + curves (needs [plot])
+  seqrec-fast info                                  # versions, extension, backend of each op
 
 A mistake in the options or the data (a missing file, a bad value) is reported in one line and
 exits with status 2; -v shows the full traceback.
@@ -277,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--categories", type=int, default=12,
                     help="colour the N largest categories, the rest grey")
     pl.add_argument("--seed", type=int, default=0, help="t-SNE seed")
+    inf = sub.add_parser("info", formatter_class=_Help,
+                         help="versions, devices and which backend runs each op here")
+    inf.add_argument("--json", action="store_true", help="seqrec_fast.info() as JSON")
     sb = sub.add_parser("sampler-bench", formatter_class=_Help,
                         help="batches/s of the training-batch sampler alone")
     sb.add_argument("--data", default="synthetic", help="'synthetic' or an interaction log")
@@ -395,6 +400,9 @@ def _run(args, argv) -> int:
         for p in paths:
             print(p)
         return 0
+    if args.command == "info":
+        print(_info_text(args.json))
+        return 0
     if args.command == "sampler-bench":
         from .data import TrainSampler, load_dataset
 
@@ -406,6 +414,44 @@ def _run(args, argv) -> int:
               f"max_len {args.max_len}, {s.device})")
         return 0
     return 2  # pragma: no cover
+
+
+def _info_text(as_json: bool) -> str:
+    """``seqrec_fast.info()`` as JSON, or as a short report: versions, devices, the C++
+    extension, and per op which backends can run and which one ``auto`` picks on each device."""
+    import json
+
+    import torch
+
+    from . import OPS, backend, info
+
+    i = info()
+    if as_json:
+        return json.dumps(i, indent=1)
+    lines = [f"seqrec_fast {i['seqrec_fast']}  python {i['python']}  torch {i['torch']}"
+             f" (CUDA {i['torch_cuda'] or 'none'})  triton {i['triton'] or 'not installed'}"
+             + ("  [TRITON_INTERPRET=1]" if i["triton_interpret"] else ""),
+             "devices: " + ", ".join(i["devices"]),
+             "C++ extension: " + ("built" + (" with CUDA kernels" if i["extension_cuda"] else
+                                             " (CPU kernels only)") if i["extension"]
+                                  else f"not built ({i['extension_error']})"),
+             "distributed: " + (", ".join(i["distributed"]) or "not available"), ""]
+    devs = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    head = "| op | " + " | ".join(["eager", "cpp", "triton", "cuda"]) + " | " + " | ".join(
+        f"auto on {d.type}" for d in devs) + " |"
+    lines += [head, "|" + "---|" * (5 + len(devs))]
+    for op in OPS:
+        flags = i["backends"][op]
+        picks = []
+        for d in devs:
+            try:
+                picks.append(backend.resolve(op, "auto", d))
+            except (RuntimeError, ValueError) as e:
+                picks.append(f"error: {e}")
+        lines.append(f"| {op} | " + " | ".join("yes" if flags[b] else "-" for b in
+                                                ("eager", "cpp", "triton", "cuda"))
+                     + " | " + " | ".join(picks) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # pragma: no cover
