@@ -20,9 +20,11 @@
 #                   or changed: --only install,correctness,bench_attention
 # --dry-run         the same steps on CPU with tiny shapes: Triton through its interpreter, no
 #                   CUDA build (the CPU extension is checked instead). CI runs this.
+# Peers: wheels in bench/peers/ (bash bench/fetch_peers.sh, carried to the card) are installed
+# after the project, so the loss benchmarks add cut-cross-entropy and liger-kernel rows.
 set -uo pipefail
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
 
 OUT="" BUDGET=540 DRY=0 ONLY=""
 while [ $# -gt 0 ]; do
@@ -39,7 +41,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -n "$OUT" ] || { echo "gpu_suite.sh: OUTDIR is required" >&2; usage >&2; exit 2; }
-STEP_NAMES=(card install info correctness bench_routing_headline bench_linear_cross_entropy
+STEP_NAMES=(card install peers info correctness bench_routing_headline bench_linear_cross_entropy
             bench_attention bench_sampled_softmax bench_routing_large bench_retrieval cuda_build
             cuda_extension_loaded cuda_tests all_cuda_tests bench_train summary)
 for s in ${ONLY//,/ }; do
@@ -114,6 +116,13 @@ else
   step card 2 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
   # pure-Python editable install first, so the Triton steps do not wait for the CUDA build
   step install 20 120 env SEQREC_FAST_SKIP_EXT=1 pip install --no-deps --no-build-isolation -e .
+  # the public peers of the loss benchmarks (cce, liger): no network here, so their wheels come
+  # in bench/peers/ (bash bench/fetch_peers.sh before the run, and carry bench/peers)
+  if compgen -G "bench/peers/*.whl" > /dev/null; then
+    step peers 5 60 pip install --no-deps --no-index bench/peers/*.whl
+  else
+    echo "--- peers: no wheels in bench/peers (bash bench/fetch_peers.sh, then carry bench/peers): the loss benchmarks will have no cce/liger rows"
+  fi
 fi
 step info 3 60 python -c "import json, seqrec_fast; i = seqrec_fast.info(); print(json.dumps(i, indent=1)); open('$OUT/info.json', 'w').write(json.dumps(i, indent=1))"
 

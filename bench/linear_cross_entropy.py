@@ -9,8 +9,10 @@ PyTorch, torch.compile and the public peers.
 Providers (the vocabulary of every bench script, bench/_harness.py): eager (the reference,
 builds the logits), compile (torch.compile of it), our backends by name (triton, cuda, cpp) or
 ours (triton on CUDA, cpp on CPU), and the public peers when installed (never required):
-cut-cross-entropy (``cce``) and liger-kernel (``liger``). Columns: ms fwd+bwd (median, p20-p80),
-peak MiB above the inputs. Rows go to bench/results/linear_cross_entropy.csv.
+cut-cross-entropy (``cce``, at its defaults: gradient filtering on, no bias argument) and
+liger-kernel (``liger``), on CUDA only; ``bash bench/fetch_peers.sh`` fetches the versions these
+calls are written against (cut-cross-entropy 25.1.1, liger-kernel 0.8.5). Columns: ms fwd+bwd
+(median, p20-p80), peak MiB above the inputs. Rows go to bench/results/linear_cross_entropy.csv.
 """
 from __future__ import annotations
 
@@ -38,11 +40,18 @@ EAGER_MAX_ELEMS = {"cuda": 4096 * 1_000_000, "cpu": 1024 * 200_000}
 
 
 def _peers():
+    """{name: f(user, items, target, bias)} of the peers that import. cce takes no bias: with
+    one it raises (the caller only passes None)."""
     peers = {}
     try:
         from cut_cross_entropy import linear_cross_entropy as cce
 
-        peers["cce"] = lambda u, w, t, b: cce(u, w, t, bias=b)
+        def run_cce(u, w, t, b):
+            if b is not None:
+                raise ValueError("cut-cross-entropy has no bias argument")
+            return cce(u, w, t)
+
+        peers["cce"] = run_cce
     except Exception:  # noqa: BLE001 - optional
         pass
     try:
