@@ -114,6 +114,8 @@ def setup(device: str = "auto", timeout_s: float = 600.0):
         log.info("rank %d/%d: process group initialized (%s)", ctx.rank, ctx.world_size,
                  backend)
     else:
+        if dev.type == "cuda" and dev.index is not None:
+            torch.cuda.set_device(dev)     # cuda:i in one process: its default device too
         return DistContext(), dev
     if dev.type == "cuda" and ctx.enabled:
         dev = torch.device("cuda", _gpu_of(ctx.local_rank))

@@ -7,6 +7,8 @@ Imports nothing from ``seqrec_fast.ops`` (every op module imports it, never the 
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Optional
 
 import torch
@@ -138,6 +140,25 @@ def _lengths_mask_op(lengths: Tensor, seq_len: int) -> Tensor:
 @_lengths_mask_op.register_fake
 def _(lengths, seq_len):
     return lengths.new_empty((lengths.shape[0], seq_len), dtype=torch.bool)
+
+
+def on_input_device(fn):
+    """Decorator for the body of a custom op that launches kernels: run it with the CUDA device
+    of its first tensor argument current. Triton launches on the current device and its current
+    stream, whatever device the tensors are on, so without this a call on cuda:1 tensors from a
+    process whose current device is cuda:0 would launch on the wrong GPU. A no-op for CPU
+    tensors. Put it under ``@torch.library.custom_op`` (the op's schema comes from ``fn``)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, Tensor)), None)
+        if t is not None and t.is_cuda:
+            with torch.cuda.device(t.device):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+    # the schema is inferred from the signature: resolve the annotations in fn's own module
+    # (they are strings under ``from __future__ import annotations``)
+    wrapper.__signature__ = inspect.signature(fn, eval_str=True)
+    return wrapper
 
 
 def sequence_mask(mask, B: int, L: int, device) -> Tensor:

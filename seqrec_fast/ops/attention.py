@@ -22,7 +22,7 @@ from .. import _checks, _ext
 from .. import backend as _backend
 from ..reference.attention import attention_ref, label_aware_attention_ref
 from ._common import (FLOATS, acc_dtype, autocast_cast, autocast_dtype, compiling,
-                      deferred_error, sequence_mask)
+                      deferred_error, on_input_device, sequence_mask)
 
 OP = "attention"
 
@@ -47,6 +47,7 @@ def _kernels(backend: str):
 
 
 @torch.library.custom_op("seqrec_fast::attention_fwd", mutates_args=())
+@on_input_device
 def _attention_fwd_op(seq_emb: Tensor, mask: Tensor, w1: Tensor, b1: Optional[Tensor],
                       w2: Tensor, b2: Optional[Tensor], pos_emb: Optional[Tensor],
                       backend: str) -> Tuple[Tensor, Tensor]:
@@ -66,6 +67,7 @@ def _(seq_emb, mask, w1, b1, w2, b2, pos_emb, backend):
 
 
 @torch.library.custom_op("seqrec_fast::attention_bwd", mutates_args=())
+@on_input_device
 def _attention_bwd_op(grad_out: Tensor, grad_probs: Optional[Tensor], seq_emb: Tensor,
                       mask: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
                       b2: Optional[Tensor], pos_emb: Optional[Tensor], out: Tensor,

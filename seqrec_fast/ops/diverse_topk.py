@@ -18,6 +18,7 @@ from torch import Tensor
 from .. import _checks, _ext
 from .. import backend as _backend
 from ..reference.diverse_topk import diverse_topk_ref
+from ._common import on_input_device
 from .multi_interest_topk import multi_interest_topk
 
 OP = "diverse_topk"
@@ -45,6 +46,7 @@ def _prepare(scores: Tensor, ids: Tensor, categories: Tensor, n: int, lam: float
 
 
 @torch.library.custom_op("seqrec_fast::diverse_topk", mutates_args=())
+@on_input_device
 def _diverse_topk_op(scores: Tensor, ids: Tensor, categories: Tensor, n: int, lam: float,
                      backend: str) -> Tuple[Tensor, Tensor]:
     """-> picked scores (U, n) in scores' dtype, ids (U, n) int64 (validated inputs)."""

@@ -42,7 +42,8 @@ from .. import _checks, _ext
 from ..reference.linear_cross_entropy import linear_cross_entropy_ref
 from ._common import (REDUCTIONS, acc_dtype, autocast_inputs, check_bool, check_float_scalar,
                       check_ids, check_range, check_user_items, compiling, deferred_error,
-                      flatten_rows, loss_fwd_fake, reduce_rows, resolve_loss_backend)
+                      flatten_rows, loss_fwd_fake, on_input_device, reduce_rows,
+                      resolve_loss_backend)
 from .catalog_parallel import (all_gather_list, check_group, copy_to_shards,
                                exchange_shard_offset, gather_replicated)
 
@@ -59,6 +60,7 @@ def _triton():
 # custom ops
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("seqrec_fast::linear_cross_entropy_fwd", mutates_args=())
+@on_input_device
 def _linear_cross_entropy_fwd_op(user: Tensor, items: Tensor, target: Tensor,
                                  bias: Optional[Tensor], temperature: float, ignore_index: int,
                                  label_smoothing: float, need_user_grad: bool,
@@ -82,6 +84,7 @@ def _(user, items, target, bias, temperature, ignore_index, label_smoothing, nee
 
 
 @torch.library.custom_op("seqrec_fast::linear_cross_entropy_bwd", mutates_args=())
+@on_input_device
 def _linear_cross_entropy_bwd_op(grad_rows: Tensor, user: Tensor, items: Tensor,
                                  target: Tensor, bias: Optional[Tensor], lse: Tensor,
                                  softmax_item_mean: Tensor, temperature: float,

@@ -14,6 +14,7 @@ from torch import Tensor
 from .. import _checks, _ext
 from .. import backend as _backend
 from ..reference.multi_interest_topk import multi_interest_topk_ref
+from ._common import on_input_device
 
 OP = "multi_interest_topk"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -21,6 +22,7 @@ MAX_ITEMS = 2**31 - 1  # ids are packed into 32 bits by the Triton kernel
 
 
 @torch.library.custom_op("seqrec_fast::multi_interest_topk", mutates_args=())
+@on_input_device
 def _multi_interest_topk_op(interests: Tensor, items: Tensor, n: int,
                             interest_mask: Optional[Tensor], exclude: Optional[Tensor],
                             backend: str) -> Tuple[Tensor, Tensor]:

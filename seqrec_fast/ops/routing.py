@@ -25,7 +25,8 @@ from torch import Tensor
 from .. import _checks, _ext
 from .. import backend as _backend
 from ..reference.routing import SOFTMAX_AXES, routing_ref
-from ._common import FLOATS, acc_dtype, autocast_cast, autocast_dtype, sequence_mask
+from ._common import (FLOATS, acc_dtype, autocast_cast, autocast_dtype, on_input_device,
+                      sequence_mask)
 
 OP = "routing"
 
@@ -44,6 +45,7 @@ def _kernels(backend: str, device: torch.device):
 
 
 @torch.library.custom_op("seqrec_fast::routing_fwd", mutates_args=())
+@on_input_device
 def _routing_fwd_op(u: Tensor, mask: Tensor, init_logits: Optional[Tensor], num_interests: int,
                     iters: int, seq_axis: bool, seq_all: bool, detach: bool, backend: str
                     ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -70,6 +72,7 @@ def _(u, mask, init_logits, num_interests, iters, seq_axis, seq_all, detach, bac
 
 
 @torch.library.custom_op("seqrec_fast::routing_bwd", mutates_args=())
+@on_input_device
 def _routing_bwd_op(grad_v: Tensor, u: Optional[Tensor], mask: Tensor,
                     init_logits: Optional[Tensor], c_last: Tensor, s_last: Tensor,
                     num_interests: int, iters: int, seq_axis: bool, seq_all: bool,
@@ -113,6 +116,7 @@ _routing_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- MIND fused: u = seq_emb · weightᵀ inside the Triton routing kernels
 @torch.library.custom_op("seqrec_fast::routing_mind_fwd", mutates_args=())
+@on_input_device
 def _routing_mind_fwd_op(seq_emb: Tensor, weight: Tensor, mask: Tensor,
                          init_logits: Optional[Tensor], num_interests: int, iters: int,
                          seq_axis: bool, seq_all: bool, detach: bool
@@ -134,6 +138,7 @@ def _(seq_emb, weight, mask, init_logits, num_interests, iters, seq_axis, seq_al
 
 
 @torch.library.custom_op("seqrec_fast::routing_mind_bwd", mutates_args=())
+@on_input_device
 def _routing_mind_bwd_op(grad_v: Tensor, seq_emb: Tensor, weight: Tensor, mask: Tensor,
                          init_logits: Optional[Tensor], c_last: Tensor, s_last: Tensor,
                          num_interests: int, iters: int, seq_axis: bool, seq_all: bool,

@@ -38,7 +38,8 @@ from .. import _checks, _ext
 from ..reference.sampled_softmax import bpr_max_ref, sampled_softmax_ref
 from ._common import (FLOATS, REDUCTIONS, acc_dtype, autocast_inputs, check_bool,
                       check_float_scalar, check_ids, check_range, check_user_items, compiling,
-                      deferred_error, loss_fwd_fake, reduce_rows, resolve_loss_backend)
+                      deferred_error, loss_fwd_fake, on_input_device, reduce_rows,
+                      resolve_loss_backend)
 from .catalog_parallel import check_group, exchange_shard_offset, sum_replicated
 
 OP = "sampled_softmax"
@@ -54,6 +55,7 @@ def _triton():
 # custom ops
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("seqrec_fast::sampled_softmax_fwd", mutates_args=())
+@on_input_device
 def _sampled_softmax_fwd_op(user: Tensor, items: Tensor, target: Tensor, negatives: Tensor,
                             log_q: Optional[Tensor], target_log_q: Optional[Tensor],
                             in_batch_negatives: bool, remove_accidental_hits: bool,
@@ -81,6 +83,7 @@ def _(user, items, target, negatives, log_q, target_log_q, in_batch_negatives,
 
 
 @torch.library.custom_op("seqrec_fast::sampled_softmax_bwd", mutates_args=())
+@on_input_device
 def _sampled_softmax_bwd_op(grad_rows: Tensor, user: Tensor, items: Tensor, target: Tensor,
                             negatives: Tensor, log_q: Optional[Tensor],
                             target_log_q: Optional[Tensor], lse: Tensor,
