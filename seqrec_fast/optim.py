@@ -109,6 +109,10 @@ class RowWiseAdam(_RowWise):
                 st["exp_avg"] = torch.zeros(p.shape, device=p.device, dtype=torch.float32)
                 st["exp_avg_sq"] = torch.zeros(p.shape, device=p.device, dtype=torch.float32)
                 st["step"] = torch.zeros(p.shape[0], device=p.device, dtype=torch.int64)
+            if st["step"].device != p.device:
+                # Optimizer.load_state_dict leaves a state entry named "step" where it was
+                # loaded (the CPU, for a checkpoint): bring the per-row counts to the table
+                st["step"] = st["step"].to(p.device)
             sel = slice(None) if rows is None else rows
             m = st["exp_avg"][sel].mul_(b1).add_(g, alpha=1 - b1) if rows is None else \
                 st["exp_avg"][sel] * b1 + g * (1 - b1)

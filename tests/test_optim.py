@@ -81,3 +81,24 @@ def test_build_optimizers_uses_dense_adam(name):
     m = build_model("comirec-sa", 50, dim=8, max_len=6, backend="eager", sparse=name != "adam")
     opts = build_optimizers(m, name, 1e-3)
     assert isinstance(opts[0], torch.optim.Adam) and opts[0].defaults["fused"]
+
+
+def test_rowwise_adam_resumed_onto_another_device_moves_its_step_counts():
+    """A checkpoint is loaded on the CPU; Optimizer.load_state_dict moves every state entry to
+    its parameter's device except one named "step", so RowWiseAdam's per-row counts stayed on
+    the CPU while the table lived on the GPU. Shown here with the meta device as the other
+    device (shape-only tensors: the step must run without a device mismatch)."""
+    from seqrec_fast.optim import RowWiseAdam
+
+    cpu = torch.nn.Parameter(torch.randn(6, 3))
+    opt = RowWiseAdam([cpu], lr=0.1)
+    cpu.grad = torch.randn(6, 3)
+    opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    other = torch.nn.Parameter(torch.empty(6, 3, device="meta"))
+    opt2 = RowWiseAdam([other], lr=0.1)
+    opt2.load_state_dict(state)
+    other.grad = torch.empty(6, 3, device="meta")
+    opt2.step()
+    st = opt2.state[other]
+    assert {t.device.type for t in (st["exp_avg"], st["exp_avg_sq"], st["step"])} == {"meta"}
