@@ -245,6 +245,12 @@ def _eval(model, split, cfg, device, max_users=None, distributed=False, categori
                         categories=categories, lam=lam)
 
 
+def _state_fits(gen: torch.Generator, state: torch.Tensor) -> bool:
+    """True when ``state`` (a saved ``get_state()``) is of ``gen``'s kind: a CPU generator's
+    state and a CUDA one's differ in size (5056 and 16 bytes)."""
+    return state.numel() == gen.get_state().numel()
+
+
 def _autocast(device, enabled):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
@@ -565,8 +571,22 @@ class Trainer:
         for o, s in zip(self.opts, ck["optimizers"]):
             o.load_state_dict(_shard_optimizer_state(self.model, o, s))
         self._set_lr()                    # a changed lr wins over the one the optimizers saved
-        self.sampler.load_state_dict(ck["sampler"])
-        self.model.generator.set_state(ck["model_generator"])
+        same_kind = all(_state_fits(g, st) for g, st in (
+            (self.sampler.generator, ck["sampler"]["generator"]),
+            (self.model.generator, ck["model_generator"])))
+        if same_kind:
+            self.sampler.load_state_dict(ck["sampler"])
+            self.model.generator.set_state(ck["model_generator"])
+        else:
+            # a CPU generator's state is not a CUDA one's: the checkpoint was written on the
+            # other kind of device. Continue from seeds derived from the step (reproducible,
+            # but not the uninterrupted run's stream).
+            self.sampler.generator.manual_seed(self.cfg.seed + 1_000_003 * (ck["step"] + 1))
+            self.model.generator.manual_seed(self.cfg.seed + 1 + 1_000_003 * (ck["step"] + 1))
+            log.warning("resume: last.pt was written on another kind of device than %s; the "
+                        "sampler and routing random streams restart from seeds derived from "
+                        "step %d (the run continues, but not bitwise as it would have on the "
+                        "original device)", self.device.type, ck["step"])
         self.step, self.best, self.bad = ck["step"], ck["best"], ck["bad"]
         self.history = list(ck["history"])
         self.stopped = ck.get("stopped", False)

@@ -334,3 +334,27 @@ def test_bench_train_providers_run():
             step = bench.build_case(variant, provider, shape, torch.device("cpu"))
             step()
             step()
+
+
+def test_resume_of_a_checkpoint_from_another_device_kind(tmp_path, caplog):
+    """last.pt written on a GPU (its generator states are CUDA ones, 16 bytes) resumed on the
+    CPU: the run continues from seeds derived from the step, with a warning, instead of failing
+    in Generator.set_state ("wrong size")."""
+    import logging
+
+    out = tmp_path / "run"
+    base = dict(model="mind", synthetic=SMALL, dim=16, batch_size=32, eval_every=5,
+                progress=False, export=False, seed=5, out_dir=str(out))
+    train(TrainConfig(steps=5, **base))
+    ck = torch.load(out / "last.pt", weights_only=False)
+    cuda_like = torch.arange(16, dtype=torch.uint8)          # what a CUDA generator's state is
+    ck["sampler"]["generator"] = cuda_like.clone()
+    ck["model_generator"] = cuda_like.clone()
+    torch.save(ck, out / "last.pt")
+    with caplog.at_level(logging.WARNING, logger="seqrec_fast.train"):
+        r1 = train(TrainConfig(steps=8, resume=True, **base))
+    assert r1["step"] == 8
+    assert "written on another kind of device" in caplog.text
+    torch.save(ck, out / "last.pt")                          # the same resume again: same run
+    r2 = train(TrainConfig(steps=8, resume=True, **base))
+    _same_params(r1["model"], r2["model"])
