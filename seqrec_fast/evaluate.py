@@ -64,7 +64,7 @@ def evaluate(model, split, *, max_len: int, padding: str = "right", ks: Sequence
         if categories is None:
             raise ValueError("lam (the controllable aggregation) needs the items' categories")
     if categories is not None:
-        categories = torch.as_tensor(np.asarray(categories), dtype=torch.int64)
+        categories = _int64_cpu(categories)
         if categories.dim() != 1:
             raise ValueError(f"categories must be a (n_items,) tensor, got shape "
                              f"{tuple(categories.shape)}")
@@ -121,6 +121,13 @@ def evaluate(model, split, *, max_len: int, padding: str = "right", ks: Sequence
         model.train(was_training)
     out = [_reduce(p, ks, categories is not None, world, group, device) for p in parts]
     return out if isinstance(lam, (list, tuple)) else out[0]
+
+
+def _int64_cpu(x) -> torch.Tensor:
+    """An int sequence, array or tensor (any device) -> int64 CPU tensor."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.int64)
+    return torch.as_tensor(np.asarray(x), dtype=torch.int64)
 
 
 def _reduce(parts, ks, with_diversity, world, group, device) -> Dict[str, float]:
@@ -208,7 +215,6 @@ def evaluate_popularity(item_counts, split, ks: Sequence[int] = (20, 50),
     counts[0] = -1
     top = counts.topk(max(ks)).indices
     recs = top[None, :].expand(split.n_users, -1)
-    cats = None if categories is None else torch.as_tensor(np.asarray(categories),
-                                                           dtype=torch.int64)
+    cats = None if categories is None else _int64_cpu(categories)
     return aggregate([per_user_metrics(recs, torch.as_tensor(split.tgt_indptr),
                                        torch.as_tensor(split.tgt_items), ks, categories=cats)])

@@ -210,7 +210,10 @@ class Retriever:
             gpu_ok = False                      # faiss has no GPU HNSW
         if gpu_ok:
             self._gpu_res = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
+            dev = self.items.device                 # the items' GPU, not always GPU 0
+            gpu = dev.index if dev.type == "cuda" and dev.index is not None else \
+                torch.cuda.current_device()
+            index = faiss.index_cpu_to_gpu(self._gpu_res, gpu, index)
             if kind == "ivf":
                 faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
             self.on_gpu = True

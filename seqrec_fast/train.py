@@ -492,7 +492,9 @@ class Trainer:
             import torch.distributed as tdist
             from torch.nn.parallel import DistributedDataParallel
 
-            why = ddp_unsupported(cfg, tdist.get_backend())
+            be = tdist.get_backend()     # a group made without a backend: "cpu:gloo,cuda:nccl"
+            why = ddp_unsupported(cfg, "nccl" if be == "nccl" or (
+                device.type == "cuda" and "cuda:nccl" in be) else "gloo")
             if why:
                 raise ValueError(why)
             if model.catalog_shard is not None:   # each rank's own rows: not averaged by DDP
@@ -756,7 +758,7 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         ctx.barrier(self.device)           # rank 0 has finished writing best.pt
         if os.path.exists(self.best_path):
-            _load_model_state(self.model, torch.load(self.best_path, map_location=self.device,
+            _load_model_state(self.model, torch.load(self.best_path, map_location="cpu",
                                                      weights_only=False)["model"])
         if self.tested_step == self.step and self.test_result is not None:
             return self.test_result
@@ -890,7 +892,9 @@ def load_checkpoint(path: str, device="auto"):
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path!r} does not exist")
     dev = _device(device)
-    ck = torch.load(path, map_location=dev, weights_only=False)
+    # on the CPU: only the model's tensors go to the device (load_state_dict copies them), not
+    # the optimizer states (twice the table for Adam) nor the generator states
+    ck = torch.load(path, map_location="cpu", weights_only=False)
     cfg = config_from_dict(ck["config"], where=path)
     ds = run_dataset(cfg)
     model = build_model(cfg.model, ds.n_items, **model_kwargs(cfg)).to(dev)

@@ -154,3 +154,16 @@ def test_evaluate_lambda_list_is_one_pass_with_the_same_numbers():
         evaluate(model, split, max_len=3, ks=(5,), categories=cats, lam=[])
     with pytest.raises(ValueError, match="lam"):
         evaluate(model, split, max_len=3, ks=(5,), categories=cats, lam=[0.1, float("nan")])
+
+
+@pytest.mark.cuda
+def test_evaluate_takes_categories_on_the_gpu():
+    """categories given as a CUDA tensor (np.asarray cannot read one) give the CPU result."""
+    items, _ = _data(n_items=300)
+    cats = torch.randint(0, 6, (300,), generator=torch.Generator().manual_seed(4))
+    model, split = _Model(items), _split(300)
+    want = evaluate(model, split, max_len=3, ks=(5,), categories=cats, lam=0.1)
+    got = evaluate(model, split, max_len=3, ks=(5,), categories=cats.cuda(), lam=0.1)
+    assert got == pytest.approx(want, abs=1e-12)
+    assert evaluate_popularity(np.ones(300), split, ks=(5,), categories=cats.cuda()) == \
+        evaluate_popularity(np.ones(300), split, ks=(5,), categories=cats)
