@@ -255,9 +255,14 @@ def _autocast(device, enabled):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _gather_rows(t: torch.Tensor, model) -> torch.Tensor:
+GATHER_CHUNK_BYTES = 64 << 20
+
+
+def _gather_rows(t: torch.Tensor, model, chunk_bytes: int = GATHER_CHUNK_BYTES) -> torch.Tensor:
     """This rank's rows of a sharded (n_r, ...) tensor -> the whole (n_items, ...) tensor on the
-    CPU (collective over the model's catalog group)."""
+    CPU (collective over the model's catalog group). Gathered in rounds of at most
+    ``chunk_bytes`` per rank, each round moved to the CPU at once: on NCCL the device holds
+    world × chunk_bytes, never the whole table (which a sharded catalog may not fit)."""
     import torch.distributed as tdist
 
     from .ops.catalog_parallel import all_gather_list, shard_rows
@@ -265,11 +270,23 @@ def _gather_rows(t: torch.Tensor, model) -> torch.Tensor:
     group, rank, world, _, _ = model.catalog_shard
     spans = [shard_rows(model.n_items, r, world) for r in range(world)]
     m = max(b - a for a, b in spans)
+    tail = tuple(t.shape[1:])
     on = t.device if tdist.get_backend(group) == "nccl" else torch.device("cpu")
-    pad = torch.zeros((m,) + tuple(t.shape[1:]), dtype=t.dtype, device=on)
-    pad[:t.shape[0]] = t.detach().to(on)
-    parts = all_gather_list(pad, group, world)
-    return torch.cat([p[:b - a] for p, (a, b) in zip(parts, spans)]).cpu()
+    out = torch.empty((model.n_items,) + tail, dtype=t.dtype)
+    row_bytes = max(1, math.prod(tail) * t.element_size())
+    step = max(1, int(chunk_bytes) // row_bytes)
+    own = t.shape[0]
+    for r0 in range(0, m, step):                   # the same rounds on every rank
+        r1 = min(r0 + step, m)
+        pad = torch.zeros((r1 - r0,) + tail, dtype=t.dtype, device=on)
+        lo, hi = min(r0, own), min(r1, own)
+        if hi > lo:
+            pad[:hi - lo] = t[lo:hi].detach().to(on)
+        for p, (a, b) in zip(all_gather_list(pad, group, world), spans):
+            n = min(r1, b - a) - r0
+            if n > 0:
+                out[a + r0:a + r0 + n] = p[:n].cpu()
+    return out
 
 
 def _table_state_ids(model, opt):

@@ -557,3 +557,26 @@ def test_setup_refuses_an_unknown_backend(monkeypatch):
     assert not ctx.enabled and dev.type == "cpu"
     with pytest.raises(ValueError, match="timeout_s"):
         setup("cpu", timeout_s=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# gathering a sharded table for a checkpoint, in bounded rounds
+# ----------------------------------------------------------------------------------------------
+def _gather_worker(rank, world):
+    from types import SimpleNamespace
+
+    from seqrec_fast.train import _gather_rows
+
+    N = 11                                              # shards of 6 and 5 rows
+    full = torch.arange(N * 3, dtype=torch.float32).view(N, 3)
+    lo, hi = shard_rows(N, rank, world)
+    model = SimpleNamespace(n_items=N, catalog_shard=(None, rank, world, lo, hi))
+    for chunk_bytes in (1, 12, 24, 100, 1 << 20):      # 1 row per round ... everything at once
+        got = _gather_rows(full[lo:hi].clone(), model, chunk_bytes=chunk_bytes)
+        assert torch.equal(got, full), (rank, chunk_bytes)
+    counts = torch.arange(N, dtype=torch.int64)         # a 1-D state (per-row step counts)
+    assert torch.equal(_gather_rows(counts[lo:hi].clone(), model, chunk_bytes=16), counts)
+
+
+def test_sharded_table_gathers_in_bounded_rounds():
+    spawn(_gather_worker)
