@@ -159,6 +159,7 @@ def _evaluate_sharded(model, split, max_len, padding, ks, batch_size, device, lo
     import torch.distributed as dist
 
     from .ops.catalog_parallel import all_gather_list
+    from .ops.multi_interest_topk import multi_interest_topk
 
     topn = max(ks)
     on = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
@@ -185,15 +186,12 @@ def _evaluate_sharded(model, split, max_len, padding, ks, batch_size, device, lo
         m = max(cnts)
         qp = q.new_zeros((m, d))
         qp[:q.shape[0]] = q
-        scores = torch.cat(all_gather_list(qp, group, world)) @ items.t()                          # (W·m, n_r)
-        if off == 0:
-            scores[:, 0] = float("-inf")                             # padding
-        k = min(topn, items.shape[0])
-        sc, ix = scores.topk(k, dim=1)
-        ix = (ix + off).masked_fill(torch.isinf(sc), -1)
-        if k < topn:                                                 # small shard: pad
-            ix = torch.cat([ix, ix.new_full((ix.shape[0], topn - k), -1)], 1)
-            sc = torch.cat([sc, sc.new_full((sc.shape[0], topn - k), float("-inf"))], 1)
+        qs = torch.cat(all_gather_list(qp, group, world))           # (W·m, d)
+        # the exact top-N of each query over this shard, fused (no (W·m, n_r) score block);
+        # row 0 of the first shard is the padding item; fewer rows than N: -1 / -inf padding
+        shard, base = (items[1:], off + 1) if off == 0 else (items, off)
+        sc, ix = multi_interest_topk(qs[:, None, :], shard, topn)
+        ix = torch.where(ix >= 0, ix + base, ix)
         ids_all = all_gather_list(ix, group, world)
         sc_all = all_gather_list(sc, group, world)
         if ptr is None:
