@@ -222,10 +222,20 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, 
     return statistics.median(times), q[0], q[3], peak
 
 
+def _error_text(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {msg}"
+
+
 def run_cases(op: str, cases: List[Case], device: torch.device, *, baseline=("compile", "eager"),
               csv_path: Optional[str] = None, reps: int = 10) -> List[Case]:
-    """Measure each case, print a Markdown table with speed-up ratios, append CSV rows.
+    """Measure each case, append its CSV row (flushed) as soon as it is measured, then print a
+    Markdown table with speed-up ratios.
 
+    A run killed part-way (bench/gpu_suite.sh runs each step under ``timeout``) keeps the rows
+    of every case measured before the kill. A case that raises, including a CUDA error that
+    only surfaces in the ``empty_cache`` after it, is recorded as that case's failure and the
+    run goes on with the next case (after a sticky CUDA error those fail too, each on its own).
     The ratio column is baseline_ms / ms, where the baseline is the first provider in
     ``baseline`` that ran for the same (variant, mode, shape, dtype).
     """
@@ -236,27 +246,51 @@ def run_cases(op: str, cases: List[Case], device: torch.device, *, baseline=("co
     except Exception:  # noqa: BLE001
         triton_version = ""
     dev = device_name(device)
+    sha = git_sha()
+    if csv_path is None:
+        csv_path = os.path.join(os.environ.get("SEQREC_FAST_BENCH_DIR",
+                                               os.path.join(ROOT, "bench", "results")), f"{op}.csv")
+    os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
+    if not os.path.exists(csv_path):
+        with open(csv_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=CSV_FIELDS).writeheader()
+    n_rows = 0
     for case in cases:
         try:
             ms, p20, p80, mib = measure(case.fn, device, reps=reps)
             if case.retained_mib is not None:
                 mib += case.retained_mib()
+            if device.type == "cuda":  # inside the try: a sticky CUDA error surfaces here
+                torch.cuda.empty_cache()
             case.result = {"ms": ms, "p20": p20, "p80": p80, "mib": mib}
         except Exception as exc:  # noqa: BLE001 - a provider that fails is reported, not fatal
-            msg = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
-            case.result = {"error": f"{type(exc).__name__}: {msg}"}
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            case.result = {"error": _error_text(exc)}
+            if device.type == "cuda":
+                try:
+                    torch.cuda.empty_cache()
+                except Exception:  # noqa: BLE001 - already recorded as this case's failure
+                    pass
         print(f"  measured {case.variant} {case.provider} {case.mode} {case.shape}: "
               + (f"{case.result['ms']:.3f} ms" if "ms" in case.result else case.result["error"]),
               file=sys.stderr, flush=True)
+        r = case.result
+        if "ms" in r:  # on disk now: a later kill keeps it
+            now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            with open(csv_path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=CSV_FIELDS).writerow(
+                    {"op": op, "variant": case.variant, "provider": case.provider,
+                     "mode": case.mode, "shape": case.shape, "dtype": case.dtype,
+                     "ms": f"{r['ms']:.4f}", "ms_p20": f"{r['p20']:.4f}",
+                     "ms_p80": f"{r['p80']:.4f}", "peak_mib": f"{r['mib']:.1f}",
+                     "device": dev, "torch": torch.__version__, "triton": triton_version,
+                     "git_sha": sha, "time": now})
+                f.flush()
+                os.fsync(f.fileno())
+            n_rows += 1
     print(f"\n### {op} on {dev} (torch {torch.__version__}, triton {triton_version or '-'})\n")
     print("| variant | shape | dtype | mode | provider | ms (p20-p80) | peak MiB | speed-up vs "
           f"{'/'.join(baseline)} |")
     print("|---|---|---|---|---|---|---|---|")
-    rows = []
-    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    sha = git_sha()
     for case in cases:
         key = (case.variant, case.mode, case.shape, case.dtype)
         base_ms = None
@@ -273,26 +307,10 @@ def run_cases(op: str, cases: List[Case], device: torch.device, *, baseline=("co
             ratio = f"{base_ms / r['ms']:.2f}x" if base_ms else "-"
             print(f"| {case.variant} | {case.shape} | {case.dtype} | {case.mode} | {case.provider} | "
                   f"{r['ms']:.3f} ({r['p20']:.3f}-{r['p80']:.3f}) | {r['mib']:.1f} | {ratio} |")
-            rows.append({"op": op, "variant": case.variant, "provider": case.provider,
-                         "mode": case.mode, "shape": case.shape, "dtype": case.dtype,
-                         "ms": f"{r['ms']:.4f}", "ms_p20": f"{r['p20']:.4f}",
-                         "ms_p80": f"{r['p80']:.4f}", "peak_mib": f"{r['mib']:.1f}",
-                         "device": dev, "torch": torch.__version__, "triton": triton_version,
-                         "git_sha": sha, "time": now})
         else:
             print(f"| {case.variant} | {case.shape} | {case.dtype} | {case.mode} | {case.provider} | "
                   f"failed: {r['error']} | - | - |")
-    if csv_path is None:
-        csv_path = os.path.join(os.environ.get("SEQREC_FAST_BENCH_DIR",
-                                               os.path.join(ROOT, "bench", "results")), f"{op}.csv")
-    os.makedirs(os.path.dirname(csv_path), exist_ok=True)
-    new = not os.path.exists(csv_path)
-    with open(csv_path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    print(f"\n{len(rows)} rows appended to {os.path.relpath(csv_path, os.getcwd())}")
+    print(f"\n{n_rows} rows appended to {os.path.relpath(csv_path, os.getcwd())}")
     return cases
 
 
@@ -325,7 +343,8 @@ def loss_bench_main(mod, doc: str, argv=None, extra_providers=()) -> None:
     is the script's module, with OP, PROVIDERS, DTYPES, SHAPE_FLAG / SHAPE_LEN / SHAPE_HELP,
     QUICK_SHAPES / GPU_SHAPES / CPU_SHAPES and ``build_cases(shapes, dtype, device, providers,
     modes)``. Default dtype bf16 on CUDA, fp32 on CPU; --gpu-suite: the headline shapes (a
-    catalog of at least 1M items) in bf16 and fp32, torch.compile in bf16 only."""
+    catalog of at least 1M items) in bf16 and fp32, torch.compile in bf16 only, and the peers
+    (``extra_providers``) only at the module's SUITE_PEER_SHAPES in its SUITE_PEER_DTYPES."""
     stable_malloc()
     ap = base_parser(doc, mod.PROVIDERS, "fwd+bwd")
     ap.add_argument("--dtype", default=None, help="comma list of " + ",".join(sorted(mod.DTYPES))
@@ -347,10 +366,25 @@ def loss_bench_main(mod, doc: str, argv=None, extra_providers=()) -> None:
     dtype_names = parse_dtypes(ap, dtypes, mod.DTYPES)
     print_versions()
     cases = []
+    peers = [p for p in providers if p in extra_providers]
+    peer_shapes = [tuple(s) for s in getattr(mod, "SUITE_PEER_SHAPES", ())]
+    peer_dtypes = tuple(getattr(mod, "SUITE_PEER_DTYPES", ()))
     for name in dtype_names:
         dtype = mod.DTYPES[name]
         provs = providers
         if args.gpu_suite and dtype == torch.float32:  # keep the suite short: no recompiles
             provs = [p for p in providers if p != "compile"]
-        cases += mod.build_cases(shapes, dtype, device, provs, modes)
+        if not (args.gpu_suite and peers):
+            cases += mod.build_cases(shapes, dtype, device, provs, modes)
+            continue
+        # the suite's step has a time limit: the peers only at the module's SUITE_PEER_SHAPES
+        # and SUITE_PEER_DTYPES (none where it names none)
+        for shape in shapes:
+            if dtype in peer_dtypes and tuple(shape) in peer_shapes:
+                cases += mod.build_cases([shape], dtype, device, provs, modes)
+            else:
+                print(f"note: --gpu-suite: providers {', '.join(peers)} left out at {name} "
+                      f"{','.join(map(str, shape))}", file=sys.stderr)
+                cases += mod.build_cases([shape], dtype, device,
+                                         [p for p in provs if p not in peers], modes)
     run_cases(mod.OP, cases, device, csv_path=args.csv, reps=3 if args.quick else args.reps)

@@ -38,7 +38,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_SHAPES = [(100000, 4, 1000000, 64, 50)]
 CPU_SHAPES = [(4096, 4, 100000, 64, 50)]
 QUICK_SHAPES = [(256, 4, 5000, 32, 20)]
-CHUNK_ELEMS = 1 << 25   # scores held at once by the torch providers (128 MiB in fp32)
+# scores held at once by the torch providers: 128 MiB in fp32 on CPU; on CUDA 4 GiB, so that the
+# GPU shape (100000 users x 4 interests x 1M items) takes ~400 chunks, not 12,500 Python steps
+CHUNK_ELEMS = {"cpu": 1 << 25, "cuda": 1 << 30}
+
+
+def chunk_elems(device_type: str) -> int:
+    """Scores the torch providers hold at once on a device of this type."""
+    return CHUNK_ELEMS.get(device_type, CHUNK_ELEMS["cpu"])
 
 
 def faiss_available() -> bool:
@@ -65,7 +72,7 @@ def merge(scores: torch.Tensor, ids: torch.Tensor, n: int):
 def torch_topn(q: torch.Tensor, items: torch.Tensor, n: int, per_interest: bool = True):
     U, K, d = q.shape
     N = items.shape[0]
-    step = max(1, CHUNK_ELEMS // max(1, K * N))
+    step = max(1, chunk_elems(q.device.type) // max(1, K * N))
     out_s, out_i = [], []
     it_t = items.t()
     for u0 in range(0, U, step):

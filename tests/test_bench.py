@@ -150,3 +150,129 @@ def test_bench_peer_calls_bind_to_the_peers_signatures(monkeypatch):
     assert calls["liger"].arguments["weight"] is w
     with pytest.raises(ValueError, match="no bias"):
         peers["cce"](u, w, t, torch.zeros(5))
+
+
+def _load_bench(name):
+    """bench/<name>.py as a module (bench/ on sys.path, as the scripts put it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}",
+                                                  os.path.join(ROOT, "bench", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_rows_are_on_disk_before_the_run_ends(tmp_path):
+    """bench/gpu_suite.sh kills a step at its time limit: every case measured before the kill
+    keeps its CSV row (here the second case kills the process the way `timeout` does)."""
+    out = tmp_path / "rows.csv"
+    code = f"""
+import os, signal, sys
+sys.path.insert(0, {os.path.join(ROOT, 'bench')!r})
+import torch, _harness
+def killed():
+    os.kill(os.getpid(), signal.SIGTERM)
+cases = [_harness.Case("eager", "fwd", "2x3", lambda: torch.ones(4).sum()),
+         _harness.Case("cpp", "fwd", "2x3", killed),
+         _harness.Case("eager", "fwd", "4x5", lambda: torch.ones(4).sum())]
+_harness.run_cases("fake", cases, torch.device("cpu"), csv_path={str(out)!r}, reps=1)
+"""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == -15, (r.returncode, r.stderr[-2000:])
+    assert out.exists(), "no CSV at all after the kill"
+    rows = list(csv.DictReader(open(out)))
+    assert [(row["provider"], row["shape"]) for row in rows] == [("eager", "2x3")]
+    assert float(rows[0]["ms"]) > 0 and rows[0]["op"] == "fake"
+
+
+def test_bench_cuda_error_is_the_failing_cases_own(tmp_path, monkeypatch, capsys):
+    """A CUDA error that surfaces in torch.cuda.empty_cache after a case (a sticky error) is
+    recorded as that case's failure; the run goes on, writes the other rows and the table."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import _harness as h
+    calls = []
+
+    def empty_cache():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def fake_measure(fn, device, reps=10):
+        fn()
+        return 1.0, 0.9, 1.1, 2.0
+
+    def bad():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    monkeypatch.setattr(h, "measure", fake_measure)
+    monkeypatch.setattr(h, "device_name", lambda device: "fake card")
+    out = tmp_path / "rows.csv"
+    cases = [h.Case("triton", "fwd", "2x3", bad), h.Case("eager", "fwd", "2x3", lambda: None)]
+    h.run_cases("fake", cases, torch.device("cuda"), csv_path=str(out), reps=1)
+    assert "illegal memory access" in cases[0].result["error"]
+    assert cases[1].result["ms"] == 1.0 and len(calls) == 2
+    rows = list(csv.DictReader(open(out)))
+    assert [(row["provider"], row["device"]) for row in rows] == [("eager", "fake card")]
+    table = capsys.readouterr().out
+    assert "| triton | failed: RuntimeError: CUDA error" in table and "| eager | 1.000" in table
+
+
+def _fake_peer_modules(monkeypatch):
+    import types
+
+    cce_mod = types.ModuleType("cut_cross_entropy")
+    cce_mod.linear_cross_entropy = _cce_signature
+    liger_mod = types.ModuleType("liger_kernel.transformers.functional")
+    liger_mod.liger_fused_linear_cross_entropy = _liger_signature
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", cce_mod)
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers",
+                        types.ModuleType("liger_kernel.transformers"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", liger_mod)
+
+
+@pytest.mark.parametrize("argv, want", [
+    # the suite: peers in bf16 at 4096,1000000,64 only (liger takes seconds per call in fp32 and
+    # at the 2M-item shape; cce's backward takes no fp32)
+    (["--gpu-suite"], {("cce", "bfloat16", "4096x1000000x64"),
+                       ("liger", "bfloat16", "4096x1000000x64")}),
+    # outside the suite the user's choice stands, except cce in fp32, which cannot run
+    (["--dtype", "fp32,bf16", "--full", "64,1000,8", "8192,2000000,128"],
+     {("liger", "float32", "64x1000x8"), ("liger", "float32", "8192x2000000x128"),
+      ("cce", "bfloat16", "64x1000x8"), ("liger", "bfloat16", "64x1000x8"),
+      ("cce", "bfloat16", "8192x2000000x128"), ("liger", "bfloat16", "8192x2000000x128")}),
+])
+def test_bench_loss_peer_cases(monkeypatch, argv, want):
+    """The cases bench/linear_cross_entropy.py builds on a card with both peers installed
+    (faked here; inputs and measuring stubbed, nothing runs)."""
+    _fake_peer_modules(monkeypatch)
+    mod = _load_bench("linear_cross_entropy")
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)   # main() finds itself there
+    assert set(mod._peers()) == {"cce", "liger"}
+    got = {}
+    monkeypatch.setattr(mod._harness, "stable_malloc", lambda: None)
+    monkeypatch.setattr(mod._harness, "run_cases",
+                        lambda op, cases, device, **kw: got.setdefault("cases", cases))
+    monkeypatch.setattr(mod, "_inputs", lambda shape, dtype, device: (None, None, None))
+    mod.main(["--device", "cuda", "--providers", "eager,cce,liger", *argv])
+    cases = got["cases"]
+    assert {(c.provider, c.dtype, c.shape) for c in cases if c.provider in ("cce", "liger")} \
+        == want
+    if "--gpu-suite" in argv:   # the suite still measures eager at both dtypes
+        assert {(c.provider, c.dtype) for c in cases} >= {("eager", "bfloat16"),
+                                                          ("eager", "float32")}
+
+
+def test_bench_retrieval_chunk_is_large_on_cuda():
+    """The torch provider's chunk on CUDA: the GPU shape (100000 users x 4 interests x 1M
+    items) in a few hundred Python steps, not 12,500; CPU keeps 128 MiB of fp32 scores."""
+    mod = _load_bench("retrieval")
+    assert mod.chunk_elems("cpu") == 1 << 25
+    assert mod.chunk_elems("cuda") >= 1 << 30
+    U, K, N = 100000, 4, 1_000_000
+    steps = -(-U // max(1, mod.chunk_elems("cuda") // (K * N)))
+    assert steps <= 400
