@@ -88,3 +88,63 @@ def test_bad_arguments_are_usage_errors(tmp_path):
     assert r.returncode == 2 and "unknown step 'correctnes'" in r.stderr
     r = subprocess.run(["bash", SUITE], capture_output=True, text=True)
     assert r.returncode == 2 and "OUTDIR is required" in r.stderr
+
+
+def test_relative_outdir_is_the_callers(tmp_path):
+    """A relative OUTDIR is taken from the caller's directory, not from the repository root the
+    suite changes to."""
+    import shutil
+    import uuid
+
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    rel = f"suite_out_{uuid.uuid4().hex[:8]}"
+    e = dict(os.environ)
+    e.pop("TRITON_INTERPRET", None)
+    try:
+        r = subprocess.run(["bash", SUITE, rel, "--dry-run", "--only", "info"], cwd=caller,
+                           capture_output=True, text=True, timeout=300, env=e)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+        out = caller / rel
+        assert _steps(out)["info"]["status"] == "ok"
+        assert (out / "info.json").exists() and (out / "gpu_suite.log").exists()
+        assert not os.path.exists(os.path.join(ROOT, rel))
+    finally:
+        shutil.rmtree(os.path.join(ROOT, rel), ignore_errors=True)
+
+
+def test_installs_use_the_suites_python(tmp_path):
+    """install, peers and cuda_build install with `python -m pip`: the packages go to the
+    interpreter that runs the other steps, not to whatever `pip` is first on PATH."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    calls = tmp_path / "calls.txt"
+    (shim / "python").write_text(
+        "#!/bin/sh\n"
+        "if [ \"$1\" = -m ] && [ \"$2\" = pip ]; then\n"
+        f"  echo \"python $*\" >> '{calls}'; exit 0\nfi\n"
+        f"exec {sys.executable} \"$@\"\n")
+    (shim / "pip").write_text(f"#!/bin/sh\necho \"pip $*\" >> '{calls}'\nexit 7\n")
+    for f in ("python", "pip"):
+        (shim / f).chmod((shim / f).stat().st_mode | stat.S_IEXEC)
+    env = dict(os.environ, PATH=f"{shim}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "out"
+    r = _run(out, "--only", "install,peers,cuda_build", env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:]
+    steps = _steps(out)
+    assert steps["install"]["status"] == "ok" and steps["cuda_build"]["status"] == "ok"
+    lines = open(calls).read().splitlines()
+    assert lines and all(line.startswith("python -m pip install") for line in lines), lines
+    assert sum("-e ." in line for line in lines) == 2
+    if "peers" in steps:   # wheels present in bench/peers
+        assert steps["peers"]["status"] == "ok"
+        assert any("bench/peers/" in line for line in lines)
+
+
+def test_cuda_tests_step_names_files_with_cuda_tests():
+    """`-m cuda` on a file without cuda-marked tests only costs collection time on the card."""
+    line = re.search(r"^step cuda_tests .*$", open(SUITE).read(), re.M).group(0)
+    files = re.findall(r"tests/\S+\.py", line)
+    assert files
+    for f in files:
+        assert "pytest.mark.cuda" in open(os.path.join(ROOT, f)).read(), f
