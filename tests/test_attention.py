@@ -798,3 +798,28 @@ def test_cuda_compile_and_opcheck():
     want = layer(s, mask)
     got = compiled(s, mask)
     assert_close(got, want, atol=1e-5, rtol=1e-5, name="compiled cuda")
+
+
+def test_float64_on_a_gpu_never_takes_triton():
+    """triton 3.6's compiler aborts the process on the fp64 attention dots for sm_90: fp64 CUDA
+    tensors run eager under auto; an explicit 'triton' is a TypeError (CPU: unchanged)."""
+    from seqrec_fast.ops.attention import _gpu_float64
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _gpu_float64("triton", "auto", cuda, torch.float64) == "eager"
+    with pytest.raises(TypeError, match="float64"):
+        _gpu_float64("triton", "triton", cuda, torch.float64)
+    assert _gpu_float64("triton", "auto", cuda, torch.float32) == "triton"
+    assert _gpu_float64("triton", "triton", cpu, torch.float64) == "triton"
+    assert _gpu_float64("cpp", "auto", cpu, torch.float64) == "cpp"
+
+
+@pytest.mark.cuda
+def test_cuda_float64_runs_eager():
+    tensors, mask, _ = make((3, 7, 2, 8, 16), torch.float64, device="cuda")
+    s, w1, b1, w2, b2, p = tensors
+    got = multi_interest_attention(s, mask.cuda(), w1, b1, w2, b2, pos_emb=p)
+    want = attention_ref(s, mask.cuda(), w1, b1, w2, b2, pos_emb=p)
+    assert torch.equal(got, want)
+    with pytest.raises(TypeError, match="float64"):
+        multi_interest_attention(s, mask.cuda(), w1, b1, w2, b2, pos_emb=p, backend="triton")

@@ -163,7 +163,8 @@ def multi_interest_attention(seq_emb: Tensor, mask: Tensor, w1: Tensor, b1: Opti
     interests = attentionᵀ·seq_emb — the values are seq_emb WITHOUT the position embedding.
 
     Args:
-      seq_emb: (batch, seq_len, dim) item embeddings, fp32/bf16/fp16/fp64.
+      seq_emb: (batch, seq_len, dim) item embeddings, fp32/bf16/fp16/fp64 (fp64 on a GPU runs
+        eager: Triton takes no fp64 there).
       mask: (batch, seq_len) bool, True at real items (any pattern), or int lengths (batch,)
         meaning the first ``length`` positions are real. A length outside [0, seq_len] is a
         ValueError on CPU, eager and under torch.compile alike; on CUDA it is checked without
@@ -216,11 +217,26 @@ def _multi_interest_attention(seq_emb, mask, w1, b1, w2, b2, pos_emb, return_att
     if dt is not None:
         seq_emb, w1, b1, w2, b2, pos_emb = autocast_cast(dt, seq_emb, w1, b1, w2, b2, pos_emb)
     mask = _validate(seq_emb, mask, w1, b1, w2, b2, pos_emb, return_attention)
-    be = _backend.resolve(OP, backend, seq_emb.device)
+    be = _gpu_float64(_backend.resolve(OP, backend, seq_emb.device), backend, seq_emb.device,
+                      seq_emb.dtype)
     if dt is not None:  # inputs cast already; the kernels and the reference run as they are
         with torch.autocast(seq_emb.device.type, enabled=False):
             return _dispatch(seq_emb, mask, w1, b1, w2, b2, pos_emb, return_attention, be)
     return _dispatch(seq_emb, mask, w1, b1, w2, b2, pos_emb, return_attention, be)
+
+
+def _gpu_float64(be: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """float64 attention never runs Triton on a GPU: triton 3.6's compiler aborts the process
+    on the kernels' fp64 dots for sm_90 and triton 3.9 spills ~1.3 KB (seen with
+    bench/sm90_report.py's stub). ``auto`` (or SEQREC_FAST_BACKEND) takes eager there; an
+    explicit ``backend="triton"`` is a TypeError. Under the interpreter (CPU) fp64 stays on
+    Triton (the tests' float64 oracle comparisons)."""
+    if be != "triton" or device.type != "cuda" or dtype != torch.float64:
+        return be
+    if backend == "triton":
+        raise TypeError("multi_interest_attention: the triton backend takes float32/bfloat16/"
+                        "float16 CUDA tensors, not float64 (use backend='eager')")
+    return "eager"
 
 
 def _dispatch(seq_emb, mask, w1, b1, w2, b2, pos_emb, return_attention, be):
