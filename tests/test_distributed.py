@@ -580,3 +580,17 @@ def _gather_worker(rank, world):
 
 def test_sharded_table_gathers_in_bounded_rounds():
     spawn(_gather_worker)
+
+
+def test_half_precision_collectives_travel_as_fp32_on_every_device():
+    """The catalog collectives sum half-precision values in fp32 on CUDA too (NCCL would
+    otherwise round each rank's partial sum to bf16/fp16, unlike the gloo path tested here)."""
+    from types import SimpleNamespace
+
+    from seqrec_fast.ops.catalog_parallel import _collective_dtype
+
+    for dt in (torch.bfloat16, torch.float16):
+        for is_cuda in (False, True):
+            assert _collective_dtype(SimpleNamespace(dtype=dt, is_cuda=is_cuda)) == torch.float32
+    for dt in (torch.float32, torch.float64):
+        assert _collective_dtype(SimpleNamespace(dtype=dt, is_cuda=True)) == dt
