@@ -268,16 +268,22 @@ def flatten_rows(user, target):
 # ----------------------------------------------------------------------------------------------
 # backend and reduction of the catalog losses
 # ----------------------------------------------------------------------------------------------
+def triton_float64(op: str, be: str, backend: str, dtype: torch.dtype) -> str:
+    """``be`` (the resolved backend), unless it is Triton on float64 inputs, which the caller
+    has ruled out: then ``auto`` (or SEQREC_FAST_BACKEND) takes eager, and an explicit
+    ``backend="triton"`` is a TypeError."""
+    if be != "triton" or dtype != torch.float64:
+        return be
+    if backend == "triton":
+        raise TypeError(f"{op}: the triton backend takes float32/bfloat16/float16 inputs, not "
+                        "float64 here (use backend='eager', or 'cpp' on CPU tensors)")
+    return "eager"
+
+
 def resolve_loss_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend of a catalog loss: float64 never runs on Triton (``auto`` falls
     back to eager, an explicit ``triton`` is a TypeError) and there is no CUDA C++ kernel."""
-    be = _backend.resolve(op, backend, device)
-    if be == "triton" and dtype == torch.float64:
-        requested = backend if backend != "auto" else None
-        if requested == "triton":
-            raise TypeError(f"{op}: the triton backend takes float32/bfloat16/float16 inputs, "
-                            "not float64 (use backend='cpp' or 'eager')")
-        return "eager"
+    be = triton_float64(op, _backend.resolve(op, backend, device), backend, dtype)
     if be == "cuda":  # no CUDA C++ kernel for these ops: Triton is the GPU path
         raise RuntimeError(f"{op}: backend 'cuda' is not available (the GPU path is 'triton')")
     return be

@@ -22,7 +22,7 @@ from .. import _checks, _ext
 from .. import backend as _backend
 from ..reference.attention import attention_ref, label_aware_attention_ref
 from ._common import (FLOATS, acc_dtype, autocast_cast, autocast_dtype, compiling,
-                      deferred_error, on_input_device, sequence_mask)
+                      deferred_error, on_input_device, sequence_mask, triton_float64)
 
 OP = "attention"
 
@@ -231,12 +231,9 @@ def _gpu_float64(be: str, backend: str, device: torch.device, dtype: torch.dtype
     bench/sm90_report.py's stub). ``auto`` (or SEQREC_FAST_BACKEND) takes eager there; an
     explicit ``backend="triton"`` is a TypeError. Under the interpreter (CPU) fp64 stays on
     Triton (the tests' float64 oracle comparisons)."""
-    if be != "triton" or device.type != "cuda" or dtype != torch.float64:
+    if device.type != "cuda":
         return be
-    if backend == "triton":
-        raise TypeError("multi_interest_attention: the triton backend takes float32/bfloat16/"
-                        "float16 CUDA tensors, not float64 (use backend='eager')")
-    return "eager"
+    return triton_float64("multi_interest_attention", be, backend, dtype)
 
 
 def _dispatch(seq_emb, mask, w1, b1, w2, b2, pos_emb, return_attention, be):
