@@ -95,3 +95,32 @@ def compare_three(fn_ours, fn_ref, tensors, gout, dtype, label):
     for name, a, e, t in zip(names, got, same, truth):
         assert a.dtype == dtype, f"{label} {name}: dtype {a.dtype}"
         assert_within_2x_eager(a, e, t, name=f"{label} {name}")
+
+
+def comirec_merge(q, it, n, mask=None, keep=None):
+    """ComiRec's evaluation, literally: each interest's top-n list, the K lists concatenated,
+    sorted by score (stable), the first occurrence of each id kept, ``keep`` of them (default
+    n; K·n keeps the whole de-duplicated union). Float64 scores; within one interest's
+    list ties go to the smaller id (as a stable sort makes them). q (U, K, d), it (N, d) ->
+    per user a list of (id, score)."""
+    U, K, _ = q.shape
+    keep = n if keep is None else keep
+    s = torch.einsum("ukd,nd->ukn", q.double(), it.double())
+    out = []
+    for u in range(U):
+        lst = []
+        for k in range(K):
+            if mask is not None and not mask[u, k]:
+                continue
+            order = sorted(range(it.shape[0]), key=lambda i: (-s[u, k, i].item(), i))[:n]
+            lst += [(i, s[u, k, i].item()) for i in order]
+        lst.sort(key=lambda x: x[1], reverse=True)
+        seen, merged = set(), []
+        for i, v in lst:
+            if i not in seen:
+                seen.add(i)
+                merged.append((i, v))
+            if len(merged) == keep:
+                break
+        out.append(merged)
+    return out

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _util import fused_backends
+from _util import comirec_merge, fused_backends
 from seqrec_fast.ops.diverse_topk import _diverse_topk_op, diverse_topk, interest_candidates
 from seqrec_fast.ops.multi_interest_topk import multi_interest_topk
 from seqrec_fast.reference.diverse_topk import diverse_topk_ref
@@ -122,18 +122,9 @@ def test_interest_candidates_is_comirec_union(backend):
     n = 6
     s, i = interest_candidates(q, it, n, backend=backend)
     assert s.shape == (5, 18)
-    sc = torch.einsum("ukd,nd->ukn", q.double(), it.double())
+    union = comirec_merge(q, it, n, keep=3 * n)            # the whole de-duplicated union
     for u in range(5):
-        lst = []
-        for k in range(3):
-            top = sorted(range(80), key=lambda j: -sc[u, k, j].item())[:n]
-            lst += [(j, sc[u, k, j].item()) for j in top]
-        lst.sort(key=lambda x: x[1], reverse=True)
-        seen, want = set(), []
-        for j, v in lst:
-            if j not in seen:
-                seen.add(j)
-                want.append(j)
+        want = [j for j, _ in union[u]]
         got = [x for x in i[u].tolist() if x >= 0]
         assert got == want
         assert (i[u, len(want):] == -1).all()

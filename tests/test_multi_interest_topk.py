@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _util import fused_backends
+from _util import comirec_merge, fused_backends
 from seqrec_fast.ops.multi_interest_topk import _multi_interest_topk_op, multi_interest_topk
 from seqrec_fast.reference.multi_interest_topk import multi_interest_topk_ref
 
@@ -42,32 +42,6 @@ def make(shape, *, seed=0, levels=2, mask_p=0.7, exclude_e=0):
     if exclude_e:
         ex = torch.randint(-1, N, (U, exclude_e), generator=g)
     return q, it, mask, ex
-
-
-def comirec_merge(q, it, n, mask=None):
-    """ComiRec's evaluation, literally: each interest's top-n list, the K lists concatenated,
-    sorted by score (stable), the first occurrence of each id kept, n of them. Float64 scores;
-    within one interest's list ties go to the smaller id (as a stable sort makes them)."""
-    U, K, _ = q.shape
-    s = torch.einsum("ukd,nd->ukn", q.double(), it.double())
-    out = []
-    for u in range(U):
-        lst = []
-        for k in range(K):
-            if mask is not None and not mask[u, k]:
-                continue
-            order = sorted(range(it.shape[0]), key=lambda i: (-s[u, k, i].item(), i))[:n]
-            lst += [(i, s[u, k, i].item()) for i in order]
-        lst.sort(key=lambda x: x[1], reverse=True)
-        seen, merged = set(), []
-        for i, v in lst:
-            if i not in seen:
-                seen.add(i)
-                merged.append((i, v))
-            if len(merged) == n:
-                break
-        out.append(merged)
-    return out
 
 
 def check_exact(backend, shape, dtype, **kw):
